@@ -1,0 +1,506 @@
+"""The one source of truth for the pipeline's data: collections, field names,
+status values, the job state machine, hyper-parameter ranges and storage paths.
+
+Both the Cloud Functions (``functions/``) and the trainer container
+(``trainer_image/``, which copies this file in at build time) import it, so no
+name below is ever spelled a second time elsewhere. It is pure: no I/O and no
+imports beyond the standard library, so it costs nothing at cold start.
+
+Job state machine (``training_jobs/{jobId}.status``)::
+
+    (created by app) --intake--> queued ----------> dispatching --> dispatched
+          |                        ^   ^  (lease)        |              |
+          v                        |   |                 v              v
+       rejected                    |   +--retry-- preparing --> training --> uploading --> completed
+                                   |   (failed attempt,    \\         |             |
+                                   |    backoff)            +--------+-------------+--> failed
+          failed --(admin sets status=queued in console)--+
+          any non-terminal --(cancelRequested)--> cancelled
+
+``completed`` reported by the trainer always wins over anything the reconciler
+believes. ``rejected``, ``completed`` and ``cancelled`` are final; ``failed`` is
+final unless an admin re-dispatches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Final, Mapping
+
+SCHEMA_VERSION: Final = 1
+
+# --------------------------------------------------------------------------
+# Collections
+# --------------------------------------------------------------------------
+ACTORS: Final = "actors"
+TRAINING_JOBS: Final = "training_jobs"
+
+
+# --------------------------------------------------------------------------
+# Job statuses
+# --------------------------------------------------------------------------
+class JobStatus:
+    """Values of ``training_jobs/{jobId}.status``."""
+
+    PENDING = "pending"  # written by the app (or status absent): not yet taken in
+    QUEUED = "queued"  # accepted by intake, waiting for a GPU slot
+    DISPATCHING = "dispatching"  # claimed by a dispatcher under a lease, submit in flight
+    DISPATCHED = "dispatched"  # executor job exists, trainer not started yet
+    PREPARING = "preparing"  # trainer: downloading images, loading the model
+    TRAINING = "training"  # trainer: optimisation steps running
+    UPLOADING = "uploading"  # trainer: exporting and uploading the LoRA
+    COMPLETED = "completed"
+    FAILED = "failed"
+    REJECTED = "rejected"  # intake refused the job; `error` says what to fix
+    CANCELLED = "cancelled"
+
+
+ALL_JOB_STATUSES: Final = frozenset(
+    v for k, v in vars(JobStatus).items() if k.isupper() and isinstance(v, str)
+)
+FINAL_JOB_STATUSES: Final = frozenset(
+    {JobStatus.COMPLETED, JobStatus.REJECTED, JobStatus.CANCELLED}
+)
+#: Statuses in which a GPU job may exist and must be reconciled.
+ACTIVE_JOB_STATUSES: Final = frozenset(
+    {
+        JobStatus.DISPATCHING,
+        JobStatus.DISPATCHED,
+        JobStatus.PREPARING,
+        JobStatus.TRAINING,
+        JobStatus.UPLOADING,
+    }
+)
+#: Statuses written by the trainer itself (its heartbeat is expected).
+TRAINER_STATUSES: Final = frozenset(
+    {JobStatus.PREPARING, JobStatus.TRAINING, JobStatus.UPLOADING}
+)
+
+# Allowed transitions. `completed` from any active state: the trainer's word wins.
+_TRANSITIONS: Final[dict[str, frozenset[str]]] = {
+    JobStatus.PENDING: frozenset({JobStatus.QUEUED, JobStatus.REJECTED, JobStatus.CANCELLED}),
+    JobStatus.QUEUED: frozenset({JobStatus.DISPATCHING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    JobStatus.DISPATCHING: frozenset(
+        {
+            JobStatus.DISPATCHED,
+            JobStatus.QUEUED,
+            JobStatus.PREPARING,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+        }
+    ),
+    JobStatus.DISPATCHED: frozenset(
+        {
+            JobStatus.PREPARING,
+            JobStatus.TRAINING,
+            JobStatus.QUEUED,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+            JobStatus.COMPLETED,
+        }
+    ),
+    JobStatus.PREPARING: frozenset(
+        {
+            JobStatus.TRAINING,
+            JobStatus.UPLOADING,
+            JobStatus.QUEUED,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+            JobStatus.COMPLETED,
+        }
+    ),
+    JobStatus.TRAINING: frozenset(
+        {
+            JobStatus.PREPARING,  # a restarted worker prepares again, then resumes
+            JobStatus.UPLOADING,
+            JobStatus.QUEUED,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+            JobStatus.COMPLETED,
+        }
+    ),
+    JobStatus.UPLOADING: frozenset(
+        {
+            JobStatus.PREPARING,
+            JobStatus.COMPLETED,
+            JobStatus.QUEUED,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+        }
+    ),
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),  # admin re-dispatch only
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.REJECTED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+def can_transition(current: str | None, new: str) -> bool:
+    """True when a job may move from ``current`` to ``new``.
+
+    A missing status counts as ``pending`` (the app may omit it). Writing the
+    same status again (a heartbeat, progress) is always allowed for non-final
+    states.
+    """
+    current = current or JobStatus.PENDING
+    if current not in _TRANSITIONS or new not in ALL_JOB_STATUSES:
+        return False
+    if current == new:
+        return current not in FINAL_JOB_STATUSES
+    return new in _TRANSITIONS[current]
+
+
+class InvalidTransition(ValueError):
+    """Raised when code tries a status change the state machine forbids."""
+
+
+def check_transition(current: str | None, new: str) -> None:
+    """Raise :class:`InvalidTransition` unless ``current -> new`` is allowed."""
+    if not can_transition(current, new):
+        raise InvalidTransition(f"job status cannot go from {current or JobStatus.PENDING!r} to {new!r}")
+
+
+# --------------------------------------------------------------------------
+# Actor model status (follows the actor's latest job)
+# --------------------------------------------------------------------------
+class ModelStatus:
+    """Values of ``actors/{actorId}.modelStatus``."""
+
+    NONE = "none"
+    QUEUED = "queued"
+    TRAINING = "training"
+    READY = "ready"
+    FAILED = "failed"
+
+
+_MODEL_STATUS_FOR_JOB: Final = {
+    JobStatus.PENDING: ModelStatus.QUEUED,
+    JobStatus.QUEUED: ModelStatus.QUEUED,
+    JobStatus.DISPATCHING: ModelStatus.QUEUED,
+    JobStatus.DISPATCHED: ModelStatus.QUEUED,
+    JobStatus.PREPARING: ModelStatus.TRAINING,
+    JobStatus.TRAINING: ModelStatus.TRAINING,
+    JobStatus.UPLOADING: ModelStatus.TRAINING,
+    JobStatus.COMPLETED: ModelStatus.READY,
+    JobStatus.FAILED: ModelStatus.FAILED,
+    JobStatus.REJECTED: ModelStatus.FAILED,
+    JobStatus.CANCELLED: ModelStatus.NONE,
+}
+
+
+def model_status_for_job(job_status: str, *, actor_has_model: bool = False) -> str:
+    """The actor's ``modelStatus`` while its latest job is in ``job_status``.
+
+    An actor that already has a trained model stays ``ready`` when a later job
+    is rejected or cancelled: a refused retrain must not hide a working model.
+    """
+    status = _MODEL_STATUS_FOR_JOB[job_status]
+    if actor_has_model and job_status in (JobStatus.REJECTED, JobStatus.CANCELLED):
+        return ModelStatus.READY
+    return status
+
+
+# --------------------------------------------------------------------------
+# Per-image validation verdicts (actors/{actorId}.images.{imageId})
+# --------------------------------------------------------------------------
+class ImageStatus:
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+class Field:
+    """Field names. The app's own names are kept exactly as the app writes them."""
+
+    # -- actors (app) --
+    USER_ID = "userId"
+    IMAGE_URLS = "imageUrls"
+    MODEL_STATUS = "modelStatus"
+    MODEL_ID = "modelId"
+    MODEL_ERROR = "modelError"
+    # -- actors (pipeline) --
+    IMAGES = "images"  # map imageId -> ImageRecord dict
+    ACCEPTED_IMAGE_COUNT = "acceptedImageCount"
+    MODEL_VERSIONS = "modelVersions"  # list of ModelVersion dicts, oldest first
+    LATEST_JOB_ID = "latestJobId"
+
+    # -- training_jobs (app inputs) --
+    ACTOR_ID = "actorId"
+    INSTANCE_NAME = "instanceName"
+    BASE_MODEL_ID = "baseModelId"
+    TRAINING_STEPS = "trainingSteps"
+    TRAINING_BATCH_SIZE = "trainingBatchSize"
+    LEARNING_RATE = "learningRate"
+    # -- training_jobs (optional inputs, defaults filled by intake) --
+    CLASS_WORD = "classWord"
+    LORA_RANK = "loraRank"
+    LORA_ALPHA = "loraAlpha"
+    RESOLUTION = "resolution"
+    TRAIN_TEXT_ENCODER = "trainTextEncoder"
+    PRIOR_PRESERVATION = "priorPreservation"
+    MIN_SNR_GAMMA = "minSnrGamma"
+    SEED = "seed"
+    PRIORITY = "priority"
+    # -- training_jobs (pipeline) --
+    STATUS = "status"
+    PROGRESS = "progress"  # 0..100
+    ERROR = "error"  # human-readable; None while fine
+    TRAINED_MODEL_ID = "trainedModelId"
+    CREATED_AT = "createdAt"
+    UPDATED_AT = "updatedAt"
+    QUEUED_AT = "queuedAt"
+    DISPATCHED_AT = "dispatchedAt"
+    STARTED_AT = "startedAt"
+    FINISHED_AT = "finishedAt"
+    ATTEMPT = "attempt"  # 1-based number of the current (or last) attempt
+    MAX_ATTEMPTS = "maxAttempts"
+    ATTEMPT_HISTORY = "attemptHistory"  # list of {attempt, executorJobName, outcome, error, endedAt}
+    NEXT_ATTEMPT_AT = "nextAttemptAt"  # backoff: not dispatched before this time
+    LEASE_OWNER = "leaseOwner"
+    LEASE_EXPIRES_AT = "leaseExpiresAt"
+    EXECUTOR = "executor"  # "vertex" | "local"
+    EXECUTOR_JOB_NAME = "executorJobName"
+    EXECUTOR_STATE = "executorState"
+    HEARTBEAT_AT = "heartbeatAt"
+    STEP = "step"
+    TOTAL_STEPS = "totalSteps"
+    LOSS = "loss"
+    SAMPLES_PER_SECOND = "samplesPerSecond"
+    ETA_SECONDS = "etaSeconds"
+    CANCEL_REQUESTED = "cancelRequested"
+    ARTIFACTS = "artifacts"  # map name -> storage object path
+    METRICS = "metrics"
+    TIMINGS = "timings"
+    MODEL_VERSION = "modelVersion"
+
+
+#: The only fields the app (a signed-in user) may write when creating a job.
+#: firestore.rules repeats this list because rules cannot import Python; a test
+#: checks that the two agree.
+JOB_INPUT_FIELDS: Final = (
+    Field.USER_ID,
+    Field.ACTOR_ID,
+    Field.INSTANCE_NAME,
+    Field.BASE_MODEL_ID,
+    Field.TRAINING_STEPS,
+    Field.TRAINING_BATCH_SIZE,
+    Field.LEARNING_RATE,
+    Field.CLASS_WORD,
+    Field.LORA_RANK,
+    Field.LORA_ALPHA,
+    Field.RESOLUTION,
+    Field.TRAIN_TEXT_ENCODER,
+    Field.PRIOR_PRESERVATION,
+    Field.MIN_SNR_GAMMA,
+    Field.SEED,
+    Field.STATUS,  # the app may write "pending"; rules pin the value
+    Field.CREATED_AT,
+)
+
+
+# --------------------------------------------------------------------------
+# Hyper-parameters: ranges and person-LoRA defaults
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamSpec:
+    field: str
+    kind: type  # int, float, bool or str
+    default: Any
+    minimum: float | None = None
+    maximum: float | None = None
+    hint: str = ""
+
+
+HYPERPARAMETERS: Final[tuple[ParamSpec, ...]] = (
+    ParamSpec(Field.TRAINING_STEPS, int, 800, 50, 5000, "about 80-100 steps per photo works for a person"),
+    ParamSpec(Field.TRAINING_BATCH_SIZE, int, 2, 1, 16),
+    # The seed's 1e-6 is a full fine-tune rate; LoRA needs ~1e-4.
+    ParamSpec(Field.LEARNING_RATE, float, 1e-4, 1e-6, 1e-3, "LoRA learns at about 1e-4"),
+    ParamSpec(Field.LORA_RANK, int, 16, 1, 128),
+    ParamSpec(Field.LORA_ALPHA, int, 16, 1, 256),
+    ParamSpec(Field.RESOLUTION, int, 0, 0, 1536, "0 means the base model's native resolution"),
+    ParamSpec(Field.TRAIN_TEXT_ENCODER, bool, False),
+    ParamSpec(Field.PRIOR_PRESERVATION, bool, False),
+    ParamSpec(Field.MIN_SNR_GAMMA, float, 5.0, 0.0, 20.0, "0 disables min-SNR weighting"),
+    ParamSpec(Field.SEED, int, 1234, 0, 2**31 - 1),
+    ParamSpec(Field.PRIORITY, int, 0, 0, 10),
+)
+HYPERPARAMETER_SPECS: Final = {spec.field: spec for spec in HYPERPARAMETERS}
+
+DEFAULT_CLASS_WORD: Final = "person"
+INSTANCE_NAME_PATTERN: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{1,31}$")
+CLASS_WORD_PATTERN: Final = re.compile(r"^[a-z][a-z ]{1,31}$")
+RESOLUTION_MULTIPLE: Final = 8
+
+
+def normalize_hyperparameters(job: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Validate the job's hyper-parameters and fill defaults.
+
+    Returns ``(values, problems)``: ``values`` holds every field of
+    :data:`HYPERPARAMETERS` (defaults where absent or ``None``), ``problems``
+    holds one sentence per bad value, naming the field and what to use instead.
+    """
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for spec in HYPERPARAMETERS:
+        raw = job.get(spec.field)
+        if raw is None:
+            values[spec.field] = spec.default
+            continue
+        value, problem = _coerce(spec, raw)
+        if problem:
+            problems.append(problem)
+            continue
+        values[spec.field] = value
+    resolution = values.get(Field.RESOLUTION)
+    if isinstance(resolution, int) and resolution and (
+        resolution % RESOLUTION_MULTIPLE or resolution < 256
+    ):
+        problems.append(
+            f"{Field.RESOLUTION} must be 0 (native) or a multiple of {RESOLUTION_MULTIPLE} "
+            f"between 256 and 1536, got {resolution}"
+        )
+    return values, problems
+
+
+def _coerce(spec: ParamSpec, raw: Any) -> tuple[Any, str | None]:
+    name = spec.field
+    if spec.kind is bool:
+        if isinstance(raw, bool):
+            return raw, None
+        return None, f"{name} must be true or false, got {raw!r}"
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return None, f"{name} must be a number, got {raw!r}"
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return None, f"{name} must be a finite number, got {raw!r}"
+    if spec.kind is int:
+        if isinstance(raw, float) and not raw.is_integer():
+            return None, f"{name} must be a whole number, got {raw!r}"
+        value: Any = int(raw)
+    else:
+        value = float(raw)
+    if spec.minimum is not None and value < spec.minimum or (
+        spec.maximum is not None and value > spec.maximum
+    ):
+        hint = f" ({spec.hint})" if spec.hint else ""
+        return None, (
+            f"{name} must be between {_fmt(spec.minimum)} and {_fmt(spec.maximum)}, "
+            f"got {_fmt(value)}{hint}"
+        )
+    return value, None
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:g}"
+
+
+def resolved_hyperparameters(job: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters of a job that intake accepted (defaults for anything absent)."""
+    values, _ = normalize_hyperparameters(job)
+    for spec in HYPERPARAMETERS:
+        values.setdefault(spec.field, spec.default)
+    return values
+
+
+# --------------------------------------------------------------------------
+# Storage paths
+# --------------------------------------------------------------------------
+UPLOAD_PATTERN: Final = re.compile(
+    r"^users/(?P<uid>[^/]+)/actors/(?P<actor_id>[^/]+)/images/(?P<file_name>[^/]+)$"
+)
+
+
+@dataclass(frozen=True)
+class UploadPath:
+    uid: str
+    actor_id: str
+    file_name: str
+
+
+def parse_upload_path(object_name: str) -> UploadPath | None:
+    """The owner, actor and file name of an upload, or None for other objects."""
+    match = UPLOAD_PATTERN.match(object_name)
+    if not match:
+        return None
+    return UploadPath(match["uid"], match["actor_id"], match["file_name"])
+
+
+def upload_prefix(uid: str, actor_id: str) -> str:
+    return f"users/{uid}/actors/{actor_id}/images/"
+
+
+def upload_path(uid: str, actor_id: str, file_name: str) -> str:
+    return upload_prefix(uid, actor_id) + file_name
+
+
+def image_id(object_name: str) -> str:
+    """Stable map key for an uploaded object (object names may hold dots)."""
+    return hashlib.sha256(object_name.encode()).hexdigest()[:20]
+
+
+def model_prefix(uid: str, actor_id: str, job_id: str) -> str:
+    """Where a job's trained model is published; readable by its owner only."""
+    return f"users/{uid}/actors/{actor_id}/models/{job_id}/"
+
+
+class ArtifactName:
+    """Files under :func:`model_prefix`; keys of the job's ``artifacts`` map."""
+
+    LORA_DIFFUSERS = "pytorch_lora_weights.safetensors"  # diffusers/PEFT, with adapter metadata
+    LORA_KOHYA = "lora_kohya.safetensors"  # A1111 / ComfyUI
+    MODEL_CARD = "README.md"
+    TRAINING_CONFIG = "training_config.json"
+    SAMPLES_DIR = "samples/"
+
+
+def checkpoint_prefix(job_id: str, attempt: int) -> str:
+    """Training checkpoints of one attempt; service-only (rules deny users)."""
+    return f"jobs/{job_id}/attempt-{attempt}/checkpoints/"
+
+
+def executor_output_dir(bucket: str, job_id: str, attempt: int) -> str:
+    """Vertex AI ``base_output_directory`` for one attempt."""
+    return f"gs://{bucket}/jobs/{job_id}/attempt-{attempt}/vertex/"
+
+
+# --------------------------------------------------------------------------
+# Executor labels (idempotent submission)
+# --------------------------------------------------------------------------
+LABEL_JOB: Final = "actorgen-job"
+LABEL_ATTEMPT: Final = "actorgen-attempt"
+LABEL_APP: Final = "app"
+LABEL_APP_VALUE: Final = "actorgen"
+
+
+def job_label_value(job_id: str) -> str:
+    """Label values must be lowercase [a-z0-9_-]{0,63}; Firestore ids are mixed case."""
+    return "j" + hashlib.sha256(job_id.encode()).hexdigest()[:40]
+
+
+def executor_labels(job_id: str, attempt: int) -> dict[str, str]:
+    return {
+        LABEL_APP: LABEL_APP_VALUE,
+        LABEL_JOB: job_label_value(job_id),
+        LABEL_ATTEMPT: str(attempt),
+    }
+
+
+def executor_display_name(job_id: str, attempt: int) -> str:
+    return f"actorgen-{job_id}-a{attempt}"
+
+
+# --------------------------------------------------------------------------
+# Trainer entry point (shared by Vertex and the LocalExecutor)
+# --------------------------------------------------------------------------
+TRAINER_MODULE: Final = "lora_trainer"
+ENV_JOB_ID: Final = "ACTORGEN_JOB_ID"
+ENV_ATTEMPT: Final = "ACTORGEN_ATTEMPT"
+ENV_PROJECT: Final = "GOOGLE_CLOUD_PROJECT"
+ENV_BUCKET: Final = "ACTORGEN_BUCKET"
+
+
+def trainer_args(job_id: str, attempt: int) -> list[str]:
+    """Command-line arguments of the trainer for one attempt."""
+    return ["--job-id", job_id, "--attempt", str(attempt)]
