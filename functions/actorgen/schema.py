@@ -211,6 +211,61 @@ class ImageStatus:
     REJECTED = "rejected"
 
 
+class ImageField:
+    """Keys of one image record (``actors/{actorId}.images.{imageId}``), written by uploads."""
+
+    PATH = "path"  # storage object name; the trainer downloads accepted ones
+    FILE_NAME = "fileName"
+    GENERATION = "generation"  # storage object generation the verdict is for
+    STATUS = "status"  # ImageStatus
+    REASON = "reason"  # human-readable, for rejected images
+    REASON_CODE = "reasonCode"  # stable machine code of the reason (app may localise)
+    SIZE_BYTES = "sizeBytes"
+    FORMAT = "format"  # JPEG, PNG, WEBP, HEIF...
+    WIDTH = "width"  # after EXIF orientation
+    HEIGHT = "height"
+    SHA256 = "sha256"
+    PHASH = "phash"  # 64-bit perceptual hash, 16 hex digits
+    FACE = "face"  # {x, y, w, h} of the one face, in oriented pixels
+    VALIDATED_AT = "validatedAt"
+
+
+class ModelVersionField:
+    """Keys of one ``actors/{actorId}.modelVersions`` entry, appended by the trainer."""
+
+    VERSION = "version"  # 1-based, also the job's ``modelVersion``
+    MODEL_ID = "modelId"  # the job's ``trainedModelId``
+    JOB_ID = "jobId"
+    BASE_MODEL_ID = "baseModelId"
+    TRIGGER = "trigger"  # words that call the person up in a prompt
+    ARTIFACTS = "artifacts"  # ArtifactName -> storage object path
+    HUB_REPO = "hubRepo"  # private Hugging Face repo id, when pushed
+    CREATED_AT = "createdAt"
+
+
+class AttemptField:
+    """Keys of one ``training_jobs/{jobId}.attemptHistory`` entry, written by the functions."""
+
+    ATTEMPT = "attempt"
+    EXECUTOR_JOB_NAME = "executorJobName"
+    OUTCOME = "outcome"  # AttemptOutcome
+    ERROR = "error"
+    ENDED_AT = "endedAt"
+
+
+class AttemptOutcome:
+    """Why an attempt ended without the trainer's ``completed``."""
+
+    EXECUTOR_FAILED = "executor-failed"  # executor reported failed/cancelled/expired
+    LOST = "lost"  # executor no longer knows the job
+    STALE = "stale"  # trainer heartbeat stopped while the executor still ran
+    NO_COMPLETION = "no-completion"  # executor succeeded, trainer never wrote completed
+    SUBMIT_RETRY = "submit-retry"  # submission failed retryably; not a GPU attempt
+    SUBMIT_FAILED = "submit-failed"  # submission refused for good
+    CANCELLED = "cancelled"
+    ADMIN_REDISPATCH = "admin-redispatch"  # marker: counters were reset by an admin
+
+
 class Field:
     """Field names. The app's own names are kept exactly as the app writes them."""
 
@@ -487,6 +542,14 @@ def executor_labels(job_id: str, attempt: int) -> dict[str, str]:
     }
 
 
+LABEL_USER: Final = "actorgen-user"
+
+
+def user_label_value(user_id: str) -> str:
+    """Hashed owner label (per-user cost in billing exports without exposing the uid)."""
+    return "u" + hashlib.sha256(user_id.encode()).hexdigest()[:40]
+
+
 def executor_display_name(job_id: str, attempt: int) -> str:
     return f"actorgen-{job_id}-a{attempt}"
 
@@ -499,6 +562,9 @@ ENV_JOB_ID: Final = "ACTORGEN_JOB_ID"
 ENV_ATTEMPT: Final = "ACTORGEN_ATTEMPT"
 ENV_PROJECT: Final = "GOOGLE_CLOUD_PROJECT"
 ENV_BUCKET: Final = "ACTORGEN_BUCKET"
+#: Name of the Secret Manager secret with a Hugging Face token (gated base models); the
+#: trainer reads the secret itself, so the token never appears in a job spec.
+ENV_HF_TOKEN_SECRET: Final = "ACTORGEN_HF_TOKEN_SECRET"
 
 
 def trainer_args(job_id: str, attempt: int) -> list[str]:

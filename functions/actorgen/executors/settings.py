@@ -1,0 +1,131 @@
+"""Plain-value configuration of an executor.
+
+``actorgen.config`` builds one from Firebase params; tests build one directly.
+Nothing here imports Firebase or Google clients, so it costs nothing at cold start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+KIND_VERTEX: Final = "vertex"
+KIND_LOCAL: Final = "local"
+KINDS: Final = (KIND_VERTEX, KIND_LOCAL)
+
+SCHEDULING_STANDARD: Final = "STANDARD"
+SCHEDULING_SPOT: Final = "SPOT"
+SCHEDULING_FLEX_START: Final = "FLEX_START"
+SCHEDULING_STRATEGIES: Final = (SCHEDULING_STANDARD, SCHEDULING_SPOT, SCHEDULING_FLEX_START)
+
+_LOOPBACK_NAMES: Final = frozenset({"localhost", "ip6-localhost"})
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """Everything an executor needs, as plain values.
+
+    Vertex fields are ignored by the local executor and vice versa. Empty strings
+    mean "not set" so that Firebase string params map over directly.
+    """
+
+    kind: str = KIND_LOCAL
+    # -- shared --
+    project: str = ""
+    bucket: str = ""
+    #: Extra environment for the trainer (both executors); schema ENV_* always win.
+    extra_env: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # -- vertex --
+    region: str = "us-central1"
+    trainer_image_uri: str = ""
+    machine_type: str = "g2-standard-8"
+    accelerator_type: str = "NVIDIA_L4"  # aiplatform_v1.AcceleratorType name; "" for none
+    accelerator_count: int = 1
+    scheduling_strategy: str = SCHEDULING_STANDARD
+    timeout_seconds: int = 2 * 3600
+    #: FLEX_START only: how long Vertex may wait for capacity (0 = Vertex's default).
+    max_wait_seconds: int = 0
+    service_account: str = ""  # the trainer's identity; "" = Vertex's default SA
+    network: str = ""  # projects/{number}/global/networks/{name}; "" = none
+    reservation: str = ""  # a Compute Engine reservation name (SPECIFIC_RESERVATION)
+    api_endpoint: str = ""  # "" = f"{region}-aiplatform.googleapis.com"
+    anonymous_credentials: bool = False  # tests against the fake JobService only
+    restart_job_on_worker_restart: bool = True
+    #: Per-RPC deadline and the total time spent retrying transient errors of one call.
+    rpc_timeout_seconds: float = 20.0
+    retry_deadline_seconds: float = 30.0
+    # -- local --
+    local_python: str = ""  # "" = the interpreter running the functions
+    local_workdir: str = ""  # "" = <repo>/.local/executor
+    local_module: str = ""  # "" = schema.TRAINER_MODULE (tests point this at a fake)
+    #: Prepended to the trainer's PYTHONPATH (before trainer_image/ and functions/).
+    local_pythonpath: tuple[str, ...] = ()
+    #: How long cancel() waits after SIGTERM before it sends SIGKILL.
+    local_cancel_grace_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        # Freeze the mapping too, so a settings object can be shared across threads.
+        object.__setattr__(self, "extra_env", MappingProxyType(dict(self.extra_env)))
+        object.__setattr__(self, "local_pythonpath", tuple(self.local_pythonpath))
+
+    @property
+    def endpoint(self) -> str:
+        """The Vertex AI API endpoint (regional unless overridden)."""
+        return self.api_endpoint or f"{self.region}-aiplatform.googleapis.com"
+
+    @property
+    def endpoint_is_loopback(self) -> bool:
+        """True for a fake JobService on this machine (plain-text gRPC is fine there)."""
+        host = self.endpoint.rsplit(":", 1)[0] if ":" in self.endpoint else self.endpoint
+        host = host.strip("[]")
+        if host in _LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def parent(self) -> str:
+        return f"projects/{self.project}/locations/{self.region}"
+
+    def replace(self, **changes: object) -> ExecutorSettings:
+        """A copy with some fields changed (handy in tests and config)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def problems(self) -> list[str]:
+        """Human-readable configuration errors for this kind; empty when usable."""
+        out: list[str] = []
+        if self.kind not in KINDS:
+            out.append(f"executor kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+            return out
+        if self.kind == KIND_VERTEX:
+            for name in ("project", "region", "bucket", "trainer_image_uri", "machine_type"):
+                if not getattr(self, name):
+                    out.append(f"the Vertex executor needs {name} to be set")
+            if self.scheduling_strategy not in SCHEDULING_STRATEGIES:
+                out.append(
+                    f"scheduling_strategy must be one of {', '.join(SCHEDULING_STRATEGIES)}, "
+                    f"got {self.scheduling_strategy!r}"
+                )
+            if self.accelerator_count < 0:
+                out.append(f"accelerator_count must be >= 0, got {self.accelerator_count}")
+            if self.accelerator_type and self.accelerator_count == 0:
+                out.append(f"accelerator_type {self.accelerator_type} needs accelerator_count >= 1")
+            if self.timeout_seconds <= 0:
+                out.append(f"timeout_seconds must be > 0, got {self.timeout_seconds}")
+            if self.max_wait_seconds < 0:
+                out.append(f"max_wait_seconds must be >= 0, got {self.max_wait_seconds}")
+            if self.trainer_image_uri and (
+                " " in self.trainer_image_uri or "/" not in self.trainer_image_uri
+            ):
+                out.append(
+                    "trainer_image_uri must be a full image reference such as "
+                    "us-docker.pkg.dev/PROJECT/REPO/trainer:TAG, "
+                    f"got {self.trainer_image_uri!r}"
+                )
+        return out
