@@ -263,7 +263,7 @@ class AttemptOutcome:
     SUBMIT_RETRY = "submit-retry"  # submission failed retryably; not a GPU attempt
     SUBMIT_FAILED = "submit-failed"  # submission refused for good
     CANCELLED = "cancelled"
-    ADMIN_REDISPATCH = "admin-redispatch"  # marker: counters were reset by an admin
+    ADMIN_REDISPATCH = "admin-redispatch"  # marker: an admin re-dispatched (fresh attempt budget)
 
 
 class Field:

@@ -1,0 +1,165 @@
+"""Admin re-dispatch and cancellation (``on_document_updated`` of ``training_jobs``).
+
+Re-dispatch from the Firebase console: open the failed job and change ONE field,
+``status``, from ``failed`` to ``queued``. This trigger accepts exactly that change:
+it gives the job a fresh budget of attempts (``maxAttempts = attempt +
+MAX_ATTEMPTS``; attempt numbers keep counting up so each attempt's executor labels
+stay unique), clears ``error``, keeps ``attemptHistory`` (adding a marker), and
+releases the job to the dispatcher (``nextAttemptAt`` = now).
+
+The dispatcher only takes queued jobs that carry ``nextAttemptAt``; every pipeline
+path into ``queued`` sets it, a hand edit does not. So any other hand-made change
+of ``status`` to ``queued`` (from completed, rejected, cancelled...) is never
+dispatched: this trigger puts the previous status back and logs why. Other edits
+are ignored.
+
+``cancelRequested`` set to true cancels the job at once (see
+:func:`actorgen.reconcile.cancel_job`); the reconciler retries if this fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from actorgen import jobs, schema
+from actorgen.schema import AttemptOutcome, Field, JobStatus
+from actorgen.txn import run_in_transaction
+
+if TYPE_CHECKING:
+    from google.cloud.firestore import Client as FirestoreClient
+
+    from actorgen.config import Settings
+    from actorgen.executors import Executor
+
+log = logging.getLogger(__name__)
+
+
+class AdminAction:
+    IGNORE = "ignore"
+    REDISPATCH = "redispatch"
+    REVERT = "revert"  # a hand-made change to queued that is not allowed
+    CANCEL = "cancel"
+
+
+def review_update(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> str:
+    """What one update of a job document asks for (pure; most updates ask for nothing)."""
+    if not before or not after:
+        return AdminAction.IGNORE
+    old = before.get(Field.STATUS) or JobStatus.PENDING
+    new = after.get(Field.STATUS) or JobStatus.PENDING
+    if (
+        after.get(Field.CANCEL_REQUESTED)
+        and not before.get(Field.CANCEL_REQUESTED)
+        and new not in schema.FINAL_JOB_STATUSES
+        and new != JobStatus.FAILED
+    ):
+        return AdminAction.CANCEL
+    released = after.get(Field.NEXT_ATTEMPT_AT) is not None
+    if new == JobStatus.QUEUED and old != JobStatus.QUEUED and not released:
+        return AdminAction.REDISPATCH if old == JobStatus.FAILED else AdminAction.REVERT
+    return AdminAction.IGNORE
+
+
+def redispatch_update(
+    job: Mapping[str, Any], settings: Settings, now: datetime
+) -> dict[str, Any]:
+    """The fields an accepted re-dispatch writes (pure)."""
+    attempt = jobs.as_int(job.get(Field.ATTEMPT))
+    marker = jobs.history_entry(attempt, AttemptOutcome.ADMIN_REDISPATCH, None, None, now)
+    return {
+        Field.MAX_ATTEMPTS: attempt + settings.max_attempts,
+        Field.ERROR: None,
+        Field.NEXT_ATTEMPT_AT: now,
+        Field.QUEUED_AT: now,
+        Field.ATTEMPT_HISTORY: [*jobs.history(job), marker],
+        Field.PROGRESS: 0,
+        Field.EXECUTOR_JOB_NAME: None,
+        Field.EXECUTOR_STATE: None,
+        Field.HEARTBEAT_AT: None,
+        Field.LEASE_OWNER: None,
+        Field.LEASE_EXPIRES_AT: None,
+        Field.FINISHED_AT: None,
+        Field.UPDATED_AT: now,
+    }
+
+
+def handle_job_update(
+    job_id: str,
+    before: Mapping[str, Any] | None,
+    after: Mapping[str, Any] | None,
+    settings: Settings,
+    *,
+    db: FirestoreClient | None = None,
+    executor: Executor | None = None,
+    now: datetime | None = None,
+) -> str:
+    """Act on one update event of ``training_jobs/{job_id}``; returns the AdminAction taken."""
+    action = review_update(before, after)
+    if action == AdminAction.IGNORE:
+        return action  # the common case (progress, heartbeats): no I/O at all
+    from actorgen import clients, reconcile
+
+    db = db or clients.firestore_client()
+    now = now or datetime.now(UTC)
+    if action == AdminAction.CANCEL:
+        if executor is None and (after or {}).get(Field.STATUS) in reconcile.RECONCILED_STATUSES:
+            from actorgen.executors import build_executor
+
+            executor = build_executor(settings.executor_settings())
+        done = reconcile.cancel_job(db, executor, job_id, settings, now)
+        log.info("cancel of job %s requested: %s", job_id, "done" if done else "deferred")
+        return action if done else AdminAction.IGNORE
+    return _apply(db, job_id, action, (before or {}).get(Field.STATUS), settings, now)
+
+
+def _apply(
+    db: FirestoreClient,
+    job_id: str,
+    action: str,
+    previous_status: str | None,
+    settings: Settings,
+    now: datetime,
+) -> str:
+    job_ref = db.collection(schema.TRAINING_JOBS).document(job_id)
+
+    def apply(transaction: Any) -> str:
+        snap = job_ref.get(transaction=transaction)
+        job = snap.to_dict() if snap.exists else None
+        # Only while the hand edit is still what the document says.
+        if (
+            job is None
+            or job.get(Field.STATUS) != JobStatus.QUEUED
+            or job.get(Field.NEXT_ATTEMPT_AT) is not None
+        ):
+            return AdminAction.IGNORE
+        if action == AdminAction.REVERT:
+            transaction.update(job_ref, {Field.STATUS: previous_status, Field.UPDATED_AT: now})
+            return action
+        schema.check_transition(JobStatus.FAILED, JobStatus.QUEUED)
+        actor_id = job.get(Field.ACTOR_ID)
+        actor_ref = actor = None
+        if isinstance(actor_id, str) and actor_id and "/" not in actor_id:
+            actor_ref = db.collection(schema.ACTORS).document(actor_id)
+            actor_snap = actor_ref.get(transaction=transaction)
+            actor = actor_snap.to_dict() if actor_snap.exists else None
+        transaction.update(job_ref, redispatch_update(job, settings, now))
+        update = jobs.actor_update_for(actor, job, job_id, JobStatus.QUEUED, None)
+        if actor_ref is not None and update:
+            transaction.update(actor_ref, update)
+        return action
+
+    result = run_in_transaction(db, apply)
+    if result == AdminAction.REVERT:
+        log.warning(
+            "job %s: status was set to queued by hand from %r; only failed jobs can be "
+            "re-dispatched, so %r was restored", job_id, previous_status, previous_status,
+        )
+    elif result == AdminAction.REDISPATCH:
+        log.info("job %s re-dispatched by an admin", job_id)
+        from actorgen import tasks
+
+        tasks.nudge_dispatcher(job_id, settings)
+    return result

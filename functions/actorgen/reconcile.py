@@ -1,0 +1,499 @@
+"""The sweeper and the reconciler (run every minute, before the dispatcher).
+
+Firestore and Storage triggers of the Python SDK cannot be retried, so a trigger
+that failed would lose work. The sweeper therefore takes in job documents still
+``pending`` a while after creation, and validates uploads that have no verdict a
+while after upload.
+
+The reconciler compares each active job with its executor job. :func:`decide` is
+the pure decision; :func:`reconcile_job` applies it in a transaction that re-reads
+the job and decides again, so a trainer's ``completed`` (or a fresh heartbeat)
+written meanwhile always wins. A failed attempt (executor failed, cancelled,
+expired or lost; executor succeeded without the trainer writing ``completed``; or
+the trainer's heartbeat went stale while the executor still runs it) is recorded
+in ``attemptHistory`` and re-queued with exponential backoff (``nextAttemptAt``)
+while attempts remain; then the job is ``failed`` with the executor's error, on
+the job and on the actor. A stale attempt's executor job is cancelled first, so a
+zombie never holds a GPU.
+
+``cancelRequested`` ends a job as ``cancelled``: directly while it is pending or
+queued; after the executor job is cancelled once it has one. A ``dispatching`` job
+is cancelled on the next pass, once its submission is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+from actorgen import jobs, schema
+from actorgen.schema import AttemptOutcome, Field, JobStatus
+from actorgen.txn import run_in_transaction
+
+if TYPE_CHECKING:
+    from google.cloud.firestore import Client as FirestoreClient
+    from google.cloud.storage import Bucket
+
+    from actorgen.config import Settings
+    from actorgen.executors import Executor, ExecutorJob
+
+log = logging.getLogger(__name__)
+
+#: Jobs the reconciler checks against the executor (``dispatching`` is the dispatcher's).
+RECONCILED_STATUSES: Final = schema.ACTIVE_JOB_STATUSES - {JobStatus.DISPATCHING}
+#: Statuses that end directly on cancelRequested (no executor job exists).
+CANCEL_DIRECTLY: Final = frozenset({JobStatus.PENDING, JobStatus.QUEUED})
+#: Uploads validated per sweep at most (each costs a download, a decode, a detection).
+MAX_SWEPT_UPLOADS: Final = 20
+
+
+class Action:
+    NONE = "none"
+    OBSERVE = "observe"  # only the executor's state changed: record it
+    RETRY = "retry"  # failed attempt, attempts remain: re-queue with backoff
+    FAIL = "fail"  # failed attempt, none remain
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    outcome: str | None = None  # AttemptOutcome of a failed attempt
+    error: str | None = None  # the attempt's error (executor's message where it gave one)
+    cancel_executor: bool = False  # stop the executor job before recording
+
+
+NOTHING: Final = Decision(Action.NONE)
+
+
+def heartbeat_reference(job: Mapping[str, Any]) -> datetime | None:
+    """Latest sign of life: the trainer's heartbeat, else its start, else the dispatch."""
+    times = [
+        jobs.as_datetime(job.get(name))
+        for name in (Field.HEARTBEAT_AT, Field.STARTED_AT, Field.DISPATCHED_AT)
+    ]
+    present = [t for t in times if t is not None]
+    return max(present) if present else None
+
+
+def decide(
+    job: Mapping[str, Any],
+    executor_job: ExecutorJob | None,
+    settings: Settings,
+    now: datetime,
+) -> Decision:
+    """What to do with an active job given its executor job (None: the executor has none)."""
+    from actorgen.executors import ExecutorState
+
+    status = job.get(Field.STATUS)
+    if status not in RECONCILED_STATUSES:
+        return NOTHING  # completed (the trainer's word wins), final, or not dispatched yet
+    if job.get(Field.CANCEL_REQUESTED):
+        return Decision(Action.CANCEL, AttemptOutcome.CANCELLED, "cancelled on request",
+                        cancel_executor=executor_job is not None)
+    name = job.get(Field.EXECUTOR_JOB_NAME)
+    if executor_job is None:
+        error = (
+            f"the executor no longer knows the training job {name}"
+            if name
+            else "the training job was not found at the executor"
+        )
+        return _failed_attempt(job, AttemptOutcome.LOST, error)
+    state = executor_job.state
+    if state == ExecutorState.SUCCEEDED:
+        return _failed_attempt(
+            job,
+            AttemptOutcome.NO_COMPLETION,
+            "the training job ended without the trainer reporting completion"
+            + (f" ({executor_job.error})" if executor_job.error else ""),
+        )
+    if state.is_failure:
+        error = executor_job.error or f"the executor reported {executor_job.raw_state or state}"
+        return _failed_attempt(job, AttemptOutcome.EXECUTOR_FAILED, error)
+    if state != ExecutorState.QUEUED:  # running (or unknown): the trainer must be alive
+        reference = heartbeat_reference(job)
+        if reference is not None:
+            silent = (now - reference).total_seconds()
+            if silent > settings.heartbeat_timeout_seconds:
+                return _failed_attempt(
+                    job,
+                    AttemptOutcome.STALE,
+                    f"the trainer stopped reporting (no heartbeat for {silent / 60:.0f} "
+                    f"minutes, limit {settings.heartbeat_timeout_seconds / 60:.0f})",
+                    cancel_executor=True,
+                )
+    observed = executor_job.raw_state or state.value
+    if job.get(Field.EXECUTOR_STATE) != observed or (
+        not name and executor_job.name
+    ):
+        return Decision(Action.OBSERVE)
+    return NOTHING
+
+
+def _failed_attempt(
+    job: Mapping[str, Any], outcome: str, error: str, *, cancel_executor: bool = False
+) -> Decision:
+    attempt = jobs.as_int(job.get(Field.ATTEMPT))
+    max_attempts = jobs.as_int(job.get(Field.MAX_ATTEMPTS), 1)
+    action = Action.RETRY if attempt < max_attempts else Action.FAIL
+    return Decision(action, outcome, error, cancel_executor)
+
+
+def failure_message(job: Mapping[str, Any], error: str) -> str:
+    """The job's (and actor's) error when it fails for good."""
+    attempts = jobs.as_int(job.get(Field.ATTEMPT))
+    tries = f"after {attempts} attempts" if attempts > 1 else "in its only attempt"
+    return f"Training failed {tries}: {error}"
+
+
+def apply_update(
+    job: Mapping[str, Any],
+    decision: Decision,
+    executor_job: ExecutorJob | None,
+    settings: Settings,
+    now: datetime,
+) -> tuple[str | None, dict[str, Any]]:
+    """The new status (None: unchanged) and the job fields to write for ``decision``."""
+    observed = (executor_job.raw_state or executor_job.state.value) if executor_job else None
+    name = job.get(Field.EXECUTOR_JOB_NAME) or (executor_job.name if executor_job else None)
+    if decision.action == Action.OBSERVE:
+        return None, {
+            Field.EXECUTOR_STATE: observed,
+            Field.EXECUTOR_JOB_NAME: name,
+            Field.UPDATED_AT: now,
+        }
+    if decision.action == Action.NONE:
+        return None, {}
+    attempt = jobs.as_int(job.get(Field.ATTEMPT))
+    entry = jobs.history_entry(attempt, decision.outcome or "", decision.error, name, now)
+    common = {
+        Field.ATTEMPT_HISTORY: [*jobs.history(job), entry],
+        Field.EXECUTOR_STATE: observed,
+        Field.UPDATED_AT: now,
+    }
+    if decision.action == Action.CANCEL:
+        return JobStatus.CANCELLED, {
+            **common,
+            Field.STATUS: JobStatus.CANCELLED,
+            Field.FINISHED_AT: now,
+        }
+    if decision.action == Action.RETRY:
+        return JobStatus.QUEUED, {
+            **common,
+            Field.STATUS: JobStatus.QUEUED,
+            Field.NEXT_ATTEMPT_AT: jobs.next_attempt_at(attempt, settings, now),
+            # The next attempt starts afresh: its executor job, progress and heartbeat.
+            Field.EXECUTOR_JOB_NAME: None,
+            Field.PROGRESS: 0,
+            Field.HEARTBEAT_AT: None,
+            Field.ERROR: None,
+        }
+    error = failure_message(job, decision.error or "unknown error")
+    return JobStatus.FAILED, {
+        **common,
+        Field.STATUS: JobStatus.FAILED,
+        Field.ERROR: error,
+        Field.FINISHED_AT: now,
+    }
+
+
+# --------------------------------------------------------------------------- I/O
+@dataclass
+class MaintenanceReport:
+    taken_in: list[str] = field(default_factory=list)
+    validated: list[str] = field(default_factory=list)
+    reconciled: dict[str, str] = field(default_factory=dict)  # job id -> action
+    cancelled: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def executor_job_of(executor: Executor, job_id: str, job: Mapping[str, Any]) -> ExecutorJob | None:
+    """The job's executor job by name, else by its labels; None when there is none.
+
+    Raises ExecutorError (other than not-found) when the executor cannot be asked.
+    """
+    from actorgen.executors import ExecutorNotFound
+
+    name = job.get(Field.EXECUTOR_JOB_NAME)
+    try:
+        if name:
+            return executor.get(name)
+        attempt = jobs.as_int(job.get(Field.ATTEMPT))
+        return executor.find(job_id, attempt) if attempt >= 1 else None
+    except ExecutorNotFound:
+        return None
+
+
+def reconcile_job(
+    db: FirestoreClient,
+    executor: Executor,
+    job_id: str,
+    settings: Settings,
+    now: datetime,
+) -> str:
+    """Check one job against its executor job and record the outcome; returns the Action."""
+    from actorgen.executors import ExecutorError
+
+    job_ref = db.collection(schema.TRAINING_JOBS).document(job_id)
+    snap = job_ref.get()
+    if not snap.exists:
+        return Action.NONE
+    job = snap.to_dict() or {}
+    if job.get(Field.STATUS) not in RECONCILED_STATUSES:
+        return Action.NONE
+    try:
+        executor_job = executor_job_of(executor, job_id, job)
+    except ExecutorError as err:
+        log.warning("job %s: cannot read executor state (%s); retrying next pass", job_id, err)
+        return Action.NONE
+    decision = decide(job, executor_job, settings, now)
+    if decision.action == Action.NONE:
+        return Action.NONE
+    if decision.cancel_executor and executor_job is not None:
+        # Stop it before recording: if cancel fails we retry next pass, never leak a GPU.
+        try:
+            executor.cancel(executor_job.name)
+        except ExecutorError as err:
+            log.warning("job %s: cancelling %s failed (%s); retrying next pass",
+                        job_id, executor_job.name, err)
+            return Action.NONE
+    return _record(db, job_id, executor_job, settings, now)
+
+
+def _record(
+    db: FirestoreClient,
+    job_id: str,
+    executor_job: ExecutorJob | None,
+    settings: Settings,
+    now: datetime,
+) -> str:
+    job_ref = db.collection(schema.TRAINING_JOBS).document(job_id)
+
+    def record(transaction: Any) -> str:
+        snap = job_ref.get(transaction=transaction)
+        job = snap.to_dict() if snap.exists else None
+        if job is None:
+            return Action.NONE
+        # Decide again on the fresh document: completed or a new heartbeat wins.
+        decision = decide(job, executor_job, settings, now)
+        status, update = apply_update(job, decision, executor_job, settings, now)
+        if not update:
+            return Action.NONE
+        actor_ref, actor = _read_actor(db, transaction, job)
+        if status is not None:
+            schema.check_transition(job.get(Field.STATUS), status)
+        transaction.update(job_ref, update)
+        if status is not None and actor_ref is not None:
+            error = update.get(Field.ERROR)
+            actor_update = jobs.actor_update_for(actor, job, job_id, status, error)
+            if actor_update:
+                transaction.update(actor_ref, actor_update)
+        return decision.action
+
+    action = run_in_transaction(db, record)
+    if action not in (Action.NONE, Action.OBSERVE):
+        log.info("job %s reconciled: %s", job_id, action)
+    return action
+
+
+def cancel_job(
+    db: FirestoreClient,
+    executor: Executor | None,
+    job_id: str,
+    settings: Settings,
+    now: datetime,
+) -> bool:
+    """Act on ``cancelRequested``; True when the job is now ``cancelled``."""
+    job_ref = db.collection(schema.TRAINING_JOBS).document(job_id)
+    snap = job_ref.get()
+    job = snap.to_dict() if snap.exists else None
+    if job is None or not job.get(Field.CANCEL_REQUESTED):
+        return False
+    status = job.get(Field.STATUS) or JobStatus.PENDING
+    if status in RECONCILED_STATUSES:
+        if executor is None:
+            return False
+        return reconcile_job(db, executor, job_id, settings, now) == Action.CANCEL
+    if status not in CANCEL_DIRECTLY:
+        return False  # dispatching: next pass; final or failed: nothing to cancel
+
+    def cancel(transaction: Any) -> bool:
+        fresh_snap = job_ref.get(transaction=transaction)
+        fresh = fresh_snap.to_dict() if fresh_snap.exists else None
+        if fresh is None or (fresh.get(Field.STATUS) or JobStatus.PENDING) not in CANCEL_DIRECTLY:
+            return False
+        actor_ref, actor = _read_actor(db, transaction, fresh)
+        schema.check_transition(fresh.get(Field.STATUS), JobStatus.CANCELLED)
+        transaction.update(
+            job_ref,
+            {
+                Field.STATUS: JobStatus.CANCELLED,
+                Field.FINISHED_AT: now,
+                Field.UPDATED_AT: now,
+                Field.NEXT_ATTEMPT_AT: None,
+            },
+        )
+        update = jobs.actor_update_for(actor, fresh, job_id, JobStatus.CANCELLED, None)
+        if actor_ref is not None and update:
+            transaction.update(actor_ref, update)
+        return True
+
+    return run_in_transaction(db, cancel)
+
+
+def _read_actor(
+    db: FirestoreClient, transaction: Any, job: Mapping[str, Any]
+) -> tuple[Any, dict[str, Any] | None]:
+    actor_id = job.get(Field.ACTOR_ID)
+    if not isinstance(actor_id, str) or not actor_id or "/" in actor_id:
+        return None, None
+    ref = db.collection(schema.ACTORS).document(actor_id)
+    snap = ref.get(transaction=transaction)
+    return ref, (snap.to_dict() if snap.exists else None)
+
+
+def run_reconcile_pass(
+    settings: Settings,
+    *,
+    db: FirestoreClient,
+    executor: Executor,
+    now: datetime,
+    report: MaintenanceReport | None = None,
+) -> MaintenanceReport:
+    """Reconcile every active job, and end cancelled pending/queued jobs."""
+    from google.cloud.firestore_v1.base_query import FieldFilter
+
+    report = report or MaintenanceReport()
+    jobs_ref = db.collection(schema.TRAINING_JOBS)
+    active = jobs_ref.where(filter=FieldFilter(Field.STATUS, "in", sorted(RECONCILED_STATUSES)))
+    for snap in active.stream():
+        try:
+            action = reconcile_job(db, executor, snap.id, settings, now)
+        except Exception as err:  # one bad job must not stop the pass
+            log.exception("reconciling job %s failed", snap.id)
+            report.errors.append(f"{snap.id}: {err}")
+            continue
+        if action != Action.NONE:
+            report.reconciled[snap.id] = action
+    waiting = jobs_ref.where(filter=FieldFilter(Field.STATUS, "in", sorted(CANCEL_DIRECTLY)))
+    for snap in waiting.stream():
+        requested = (snap.to_dict() or {}).get(Field.CANCEL_REQUESTED)
+        if requested and cancel_job(db, executor, snap.id, settings, now):
+            report.cancelled.append(snap.id)
+    return report
+
+
+def sweep_pending_jobs(
+    settings: Settings, *, db: FirestoreClient, now: datetime
+) -> list[str]:
+    """Run intake for jobs still ``pending`` a while after creation (a lost trigger)."""
+    from google.cloud.firestore_v1.base_query import FieldFilter
+
+    from actorgen import intake
+
+    # Firestore cannot query for a missing field: a job created without any status
+    # whose trigger was lost is invisible here (docs/schema.md, "Sweeper").
+    query = db.collection(schema.TRAINING_JOBS).where(
+        filter=FieldFilter(Field.STATUS, "==", JobStatus.PENDING)
+    )
+    taken: list[str] = []
+    for snap in query.stream():
+        created = jobs.as_datetime(snap.create_time)
+        if created is not None and (now - created).total_seconds() < settings.sweep_after_seconds:
+            continue  # its trigger is probably still running
+        try:
+            outcome = intake.process_job(snap.id, settings, db=db, now=now)
+        except Exception:  # one bad job must not block the others; retried next pass
+            log.exception("sweeping job %s failed", snap.id)
+            continue
+        log.warning("swept job %s: intake had not run; now %s", snap.id, outcome)
+        taken.append(snap.id)
+    return taken
+
+
+def sweep_uploads(
+    settings: Settings,
+    *,
+    db: FirestoreClient,
+    bucket: Bucket,
+    now: datetime,
+    limit: int = MAX_SWEPT_UPLOADS,
+) -> list[str]:
+    """Validate uploads that have no verdict a while after upload (a lost trigger)."""
+    from actorgen import uploads
+
+    groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for blob in bucket.list_blobs(prefix="users/"):
+        path = schema.parse_upload_path(blob.name)
+        created = jobs.as_datetime(blob.updated or blob.time_created)
+        if path is None or created is None:
+            continue
+        age = (now - created).total_seconds()
+        if settings.sweep_after_seconds <= age <= settings.sweep_max_age_seconds:
+            groups[(path.uid, path.actor_id)].append(blob)
+    done: list[str] = []
+    for (uid, actor_id), blobs in groups.items():
+        snap = db.collection(schema.ACTORS).document(actor_id).get()
+        actor = snap.to_dict() if snap.exists else None
+        if actor is None or actor.get(Field.USER_ID) != uid:
+            continue  # handle_upload logged this when the trigger ran; no write either way
+        images = actor.get(Field.IMAGES) or {}
+        for blob in blobs:
+            record = images.get(schema.image_id(blob.name)) or {}
+            seen = jobs.as_int(record.get(schema.ImageField.GENERATION), -1)
+            if record.get(schema.ImageField.STATUS) and seen >= jobs.as_int(blob.generation):
+                continue
+            if len(done) >= limit:
+                return done
+            event = uploads.UploadEvent(bucket.name, blob.name, blob.generation, blob.size)
+            try:
+                outcome = uploads.handle_upload(event, settings, db=db, bucket=bucket, now=now)
+            except Exception:  # one bad file must not block the others; retried next pass
+                log.exception("sweeping upload %s failed", blob.name)
+                continue
+            log.warning("swept upload %s: no verdict had been recorded; now %s", blob.name, outcome)
+            done.append(blob.name)
+    return done
+
+
+def run_maintenance(
+    settings: Settings,
+    *,
+    db: FirestoreClient | None = None,
+    bucket: Bucket | None = None,
+    executor: Executor | None = None,
+    now: datetime | None = None,
+) -> MaintenanceReport:
+    """The scheduled pass: sweep, reconcile, then dispatch. Each step runs even if one fails."""
+    from actorgen import clients, dispatch
+    from actorgen.executors import build_executor
+
+    db = db or clients.firestore_client()
+    now = now or datetime.now(UTC)
+    report = MaintenanceReport()
+
+    def sweep_jobs() -> None:
+        report.taken_in.extend(sweep_pending_jobs(settings, db=db, now=now))
+
+    def sweep_files() -> None:
+        files = bucket or clients.storage_bucket(settings.bucket or None)
+        report.validated.extend(sweep_uploads(settings, db=db, bucket=files, now=now))
+
+    for name, step in (("sweep jobs", sweep_jobs), ("sweep uploads", sweep_files)):
+        try:
+            step()
+        except Exception as err:  # the other steps must still run
+            log.exception("%s failed", name)
+            report.errors.append(f"{name}: {err}")
+    try:
+        executor = executor or build_executor(settings.executor_settings())
+        run_reconcile_pass(settings, db=db, executor=executor, now=now, report=report)
+        dispatch.run_dispatch_pass(settings, db=db, executor=executor, now=now)
+    except Exception as err:  # logged and reported; the next minute tries again
+        log.exception("reconcile/dispatch failed")
+        report.errors.append(f"reconcile/dispatch: {err}")
+    return report

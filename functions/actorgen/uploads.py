@@ -1,0 +1,456 @@
+"""Upload validation: one verdict per uploaded photo, recorded on its actor.
+
+A photo uploaded to ``users/{uid}/actors/{actorId}/images/{file}`` is accepted when
+it decodes (JPEG, PNG, WebP, HEIC), is small enough in bytes and large enough in
+pixels, is not the same photo (exactly, or nearly) as another accepted photo of
+the actor, shows exactly one face of usable size, and the actor has room for it.
+Otherwise it is rejected with a reason the app can show; the file itself is kept.
+
+The policy (:func:`analyse`, :func:`judge`) is pure; :func:`handle_upload` does the
+I/O: it reads the object, then writes ``actors/{actorId}.images.{imageId}`` and
+``acceptedImageCount`` in one transaction. Uploads whose actor does not exist, or
+belongs to another user, are logged and nothing is written: the path names the
+uploader, and an actor that is not theirs must not be touched. (If the actor
+document is merely created after its photos, the sweeper validates them later.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+from actorgen import imaging, schema
+from actorgen.faces import FaceBox
+from actorgen.schema import Field, ImageField, ImageStatus
+from actorgen.txn import run_in_transaction
+
+if TYPE_CHECKING:
+    from google.cloud.firestore import Client as FirestoreClient
+    from google.cloud.storage import Bucket
+    from PIL import Image
+
+    from actorgen.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: Perceptual hashes this close (bits of 64) are "the same photo" (re-saved, resized,
+#: lightly edited). Different photos of one person differ by ~20-35 bits.
+NEAR_DUPLICATE_BITS: Final = 10
+#: A usable face is at least this share of the photo's short side, and this many pixels.
+MIN_FACE_FRACTION: Final = 0.10
+MIN_FACE_PIXELS: Final = 64
+#: Detections smaller than this are passed to the policy (to say "too small" rather
+#: than "no face"); the detector's own floor is higher.
+DETECT_FACE_FRACTION: Final = 0.04
+#: A second face counts when it is at least this share of the largest face's width:
+#: smaller detections are background noise or far-away passers-by.
+SECOND_FACE_RATIO: Final = 0.5
+
+
+#: Reason for a file the decoder choked on in an unexpected way.
+UNPROCESSABLE: Final = (
+    "The photo could not be processed; upload it again, or upload another photo."
+)
+
+
+class Reason:
+    """Machine codes of verdicts (``ImageField.REASON_CODE``); the text goes in REASON."""
+
+    OK = "ok"
+    EMPTY = "empty"
+    TOO_LARGE = "too-large"
+    UNREADABLE = "unreadable"
+    TOO_SMALL = "too-small"
+    DUPLICATE = "duplicate"
+    NEAR_DUPLICATE = "near-duplicate"
+    NO_FACE = "no-face"
+    MANY_FACES = "many-faces"
+    SMALL_FACE = "small-face"
+    TOO_MANY_IMAGES = "too-many-images"
+
+
+@dataclass(frozen=True)
+class UploadPolicy:
+    """The limits a photo is judged by."""
+
+    max_bytes: int
+    min_side: int
+    max_images: int
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    near_duplicate_bits: int = NEAR_DUPLICATE_BITS
+    min_face_fraction: float = MIN_FACE_FRACTION
+    min_face_pixels: int = MIN_FACE_PIXELS
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UploadPolicy:
+        return cls(
+            max_bytes=settings.max_upload_bytes,
+            min_side=settings.min_image_side,
+            max_images=settings.max_images,
+        )
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What analysing the bytes found; no judgement yet."""
+
+    size_bytes: int
+    sha256: str
+    decode_error: str | None = None
+    format: str = ""
+    width: int = 0
+    height: int = 0
+    phash: str = ""
+    faces: tuple[FaceBox, ...] = ()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # ImageStatus
+    code: str  # Reason
+    reason: str | None = None  # None when accepted
+    face: FaceBox | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == ImageStatus.ACCEPTED
+
+
+# --------------------------------------------------------------------------- pure policy
+def analyse(data: bytes, policy: UploadPolicy) -> ImageFacts:
+    """Decode ``data`` and measure it (format, oriented size, perceptual hash, faces)."""
+    from actorgen import faces as face_detection
+
+    facts = ImageFacts(size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    if not data or len(data) > policy.max_bytes:
+        return facts  # judged on size alone; never decode what is too big to accept
+    try:
+        decoded = imaging.open_image(data, max_pixels=policy.max_pixels)
+    except imaging.ImageDecodeError as err:
+        return dataclasses.replace(facts, decode_error=str(err))
+    except Exception:  # a decoder bug on one odd file must end in a verdict, not a retry loop
+        log.exception("decoding an upload failed unexpectedly")
+        return dataclasses.replace(facts, decode_error=UNPROCESSABLE)
+    image = decoded.image
+    width, height = image.size
+    facts = dataclasses.replace(
+        facts, format=decoded.format, width=width, height=height, phash=perceptual_hash(image)
+    )
+    if min(width, height) < policy.min_side:
+        return facts  # rejected on resolution; face detection would be wasted
+    found = face_detection.detect_faces(image, min_face_fraction=DETECT_FACE_FRACTION)
+    return dataclasses.replace(facts, faces=tuple(found))
+
+
+def judge(
+    facts: ImageFacts,
+    others: Mapping[str, Mapping[str, Any]],
+    policy: UploadPolicy,
+) -> Verdict:
+    """The verdict on one photo, given the actor's other image records (by imageId)."""
+    if facts.size_bytes == 0:
+        return _reject(Reason.EMPTY, "The file is empty (0 bytes); upload the photo again.")
+    if facts.size_bytes > policy.max_bytes:
+        return _reject(
+            Reason.TOO_LARGE,
+            f"The file is {_mb(facts.size_bytes)}; photos up to {_mb(policy.max_bytes)} are "
+            "accepted. Upload a smaller version.",
+        )
+    if facts.decode_error:
+        return _reject(Reason.UNREADABLE, facts.decode_error)
+    if min(facts.width, facts.height) < policy.min_side:
+        return _reject(
+            Reason.TOO_SMALL,
+            f"The photo is {facts.width}x{facts.height}; at least {policy.min_side} pixels on "
+            "the short side are needed.",
+        )
+    accepted = [r for r in others.values() if r.get(ImageField.STATUS) == ImageStatus.ACCEPTED]
+    for record in accepted:
+        if record.get(ImageField.SHA256) == facts.sha256:
+            return _reject(
+                Reason.DUPLICATE,
+                f"This is the same file as {_name(record)}, which is already accepted.",
+            )
+    for record in accepted:
+        other = record.get(ImageField.PHASH)
+        if other and facts.phash and hamming(other, facts.phash) <= policy.near_duplicate_bits:
+            return _reject(
+                Reason.NEAR_DUPLICATE,
+                f"This looks like the same photo as {_name(record)}; upload a different photo "
+                "of the person.",
+            )
+    faces = counted_faces(facts.faces)
+    if not faces:
+        return _reject(
+            Reason.NO_FACE,
+            "No face was found in this photo; upload a photo where the person's face is "
+            "clearly visible and facing the camera.",
+        )
+    if len(faces) > 1:
+        return _reject(
+            Reason.MANY_FACES,
+            f"This photo shows {len(faces)} faces; upload photos with only the person.",
+        )
+    face = faces[0]
+    short = min(facts.width, facts.height)
+    needed = max(policy.min_face_pixels, round(policy.min_face_fraction * short))
+    if min(face.w, face.h) < needed:
+        return _reject(
+            Reason.SMALL_FACE,
+            f"The face is too small ({min(face.w, face.h)} pixels, "
+            f"{100 * min(face.w, face.h) / short:.0f}% of the photo's short side); use a closer "
+            f"photo where the face is at least {needed} pixels "
+            f"({100 * needed / short:.0f}%) across.",
+            face,
+        )
+    if len(accepted) >= policy.max_images:
+        return _reject(
+            Reason.TOO_MANY_IMAGES,
+            f"This actor already has {len(accepted)} accepted photos, the most allowed "
+            f"({policy.max_images}); this one was not added.",
+            face,
+        )
+    return Verdict(ImageStatus.ACCEPTED, Reason.OK, None, face)
+
+
+def counted_faces(faces: tuple[FaceBox, ...] | list[FaceBox]) -> list[FaceBox]:
+    """Faces that count as people in the photo, largest first."""
+    if not faces:
+        return []
+    ordered = sorted(faces, key=lambda f: f.w * f.h, reverse=True)
+    largest = ordered[0].w
+    return [f for f in ordered if f.w >= SECOND_FACE_RATIO * largest]
+
+
+def image_record(
+    object_name: str,
+    generation: int | None,
+    facts: ImageFacts,
+    verdict: Verdict,
+    now: datetime,
+) -> dict[str, Any]:
+    """The document value of one image's verdict (keys from schema.ImageField)."""
+    parsed = schema.parse_upload_path(object_name)
+    return {
+        ImageField.PATH: object_name,
+        ImageField.FILE_NAME: parsed.file_name if parsed else object_name.rsplit("/", 1)[-1],
+        ImageField.GENERATION: generation,
+        ImageField.STATUS: verdict.status,
+        ImageField.REASON: verdict.reason,
+        ImageField.REASON_CODE: verdict.code,
+        ImageField.SIZE_BYTES: facts.size_bytes,
+        ImageField.FORMAT: facts.format or None,
+        ImageField.WIDTH: facts.width or None,
+        ImageField.HEIGHT: facts.height or None,
+        ImageField.SHA256: facts.sha256,
+        ImageField.PHASH: facts.phash or None,
+        ImageField.FACE: verdict.face.as_dict() if verdict.face else None,
+        ImageField.VALIDATED_AT: now,
+    }
+
+
+def accepted_count(images: Mapping[str, Mapping[str, Any]]) -> int:
+    return sum(1 for r in images.values() if r.get(ImageField.STATUS) == ImageStatus.ACCEPTED)
+
+
+def perceptual_hash(image: Image.Image) -> str:
+    """64-bit DCT perceptual hash (pHash) as 16 hex digits."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    size = 32
+    gray = image.convert("L").resize((size, size), PILImage.Resampling.LANCZOS)
+    pixels = np.asarray(gray, dtype=np.float64)
+    n = np.arange(size)
+    dct = np.cos(np.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * size))
+    low = (dct @ pixels @ dct.T)[:8, :8].flatten()
+    bits = low > np.median(low[1:])  # the DC term would dominate the median
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def hamming(a: str, b: str) -> int:
+    """Differing bits of two hex hashes."""
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def _reject(code: str, reason: str, face: FaceBox | None = None) -> Verdict:
+    return Verdict(ImageStatus.REJECTED, code, reason, face)
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MB"
+
+
+def _name(record: Mapping[str, Any]) -> str:
+    return str(record.get(ImageField.FILE_NAME) or "another photo")
+
+
+# --------------------------------------------------------------------------- I/O
+@dataclass(frozen=True)
+class UploadEvent:
+    """The parts of a Storage finalize event (or a swept object) that validation uses."""
+
+    bucket: str
+    name: str
+    generation: int | None = None
+    size: int | None = None
+
+    @classmethod
+    def from_storage_data(cls, data: Any) -> UploadEvent:
+        """From ``firebase_functions.storage_fn.StorageObjectData`` (size is a string there)."""
+        return cls(
+            bucket=data.bucket,
+            name=data.name,
+            generation=_to_int(getattr(data, "generation", None)),
+            size=_to_int(getattr(data, "size", None)),
+        )
+
+
+class Outcome:
+    """What :func:`handle_upload` did (returned for logs and tests)."""
+
+    NOT_AN_UPLOAD = "not-an-upload"
+    NO_ACTOR = "no-actor"
+    FOREIGN_ACTOR = "foreign-actor"
+    ALREADY_JUDGED = "already-judged"
+    GONE = "gone"
+    ACCEPTED = ImageStatus.ACCEPTED
+    REJECTED = ImageStatus.REJECTED
+
+
+def handle_upload(
+    event: UploadEvent,
+    settings: Settings,
+    *,
+    db: FirestoreClient | None = None,
+    bucket: Bucket | None = None,
+    now: datetime | None = None,
+) -> str:
+    """Validate one uploaded object and record the verdict on its actor; returns an Outcome."""
+    from actorgen import clients
+
+    path = schema.parse_upload_path(event.name)
+    if path is None:
+        return Outcome.NOT_AN_UPLOAD
+    db = db or clients.firestore_client()
+    bucket = bucket or clients.storage_bucket(event.bucket)
+    actor_ref = db.collection(schema.ACTORS).document(path.actor_id)
+    image_key = schema.image_id(event.name)
+    policy = UploadPolicy.from_settings(settings)
+
+    # Cheap checks first, so a redelivered event or a stray upload costs one read.
+    pre = _precheck(actor_ref.get(), path.uid, image_key, event.generation)
+    if pre is not None:
+        _log_skip(pre, event, path)
+        return pre
+
+    size = _object_size(bucket, event)
+    if size is None:
+        log.info("upload %s is gone; a newer event (if any) judges it", event.name)
+        return Outcome.GONE
+    if size > policy.max_bytes:
+        # Judged on its size alone: never pull a huge file into the function's memory.
+        facts = ImageFacts(size_bytes=size, sha256="")
+    else:
+        data = _download(bucket, event, size, policy)
+        if data is None:
+            log.info("upload %s is gone; a newer event (if any) judges it", event.name)
+            return Outcome.GONE
+        facts = analyse(data, policy)
+    when = now or datetime.now(UTC)
+
+    def record(transaction: Any) -> str:
+        snapshot = actor_ref.get(transaction=transaction)
+        skip = _precheck(snapshot, path.uid, image_key, event.generation)
+        if skip is not None:
+            return skip
+        images = dict((snapshot.to_dict() or {}).get(Field.IMAGES) or {})
+        others = {k: v for k, v in images.items() if k != image_key and isinstance(v, dict)}
+        verdict = judge(facts, others, policy)
+        images[image_key] = image_record(event.name, event.generation, facts, verdict, when)
+        transaction.update(
+            actor_ref,
+            {
+                f"{Field.IMAGES}.{image_key}": images[image_key],
+                Field.ACCEPTED_IMAGE_COUNT: accepted_count(others) + int(verdict.accepted),
+            },
+        )
+        return verdict.status
+
+    outcome = run_in_transaction(db, record)
+    if outcome in (Outcome.ACCEPTED, Outcome.REJECTED):
+        log.info("upload %s %s", event.name, outcome)
+    else:
+        _log_skip(outcome, event, path)
+    return outcome
+
+
+def _precheck(snapshot: Any, uid: str, image_key: str, generation: int | None) -> str | None:
+    """An Outcome when there is nothing to do for this upload, else None."""
+    if not snapshot.exists:
+        return Outcome.NO_ACTOR
+    actor = snapshot.to_dict() or {}
+    if actor.get(Field.USER_ID) != uid:
+        return Outcome.FOREIGN_ACTOR
+    existing = (actor.get(Field.IMAGES) or {}).get(image_key)
+    if isinstance(existing, dict) and existing.get(ImageField.STATUS):
+        seen = _to_int(existing.get(ImageField.GENERATION))
+        # The same generation again (redelivery) or an older one (late delivery): done.
+        if generation is None or seen is None or seen >= generation:
+            return Outcome.ALREADY_JUDGED
+    return None
+
+
+def _object_size(bucket: Bucket, event: UploadEvent) -> int | None:
+    """The object's size from the event, else from its metadata; None when it is gone."""
+    from google.api_core import exceptions as gexc
+
+    if event.size is not None:
+        return event.size
+    blob = bucket.blob(event.name)
+    try:
+        blob.reload()
+    except gexc.NotFound:
+        return None
+    return int(blob.size or 0)
+
+
+def _download(bucket: Bucket, event: UploadEvent, size: int, policy: UploadPolicy) -> bytes | None:
+    """The object's bytes (this generation), at most one byte past the limit; None if gone."""
+    from google.api_core import exceptions as gexc
+
+    if size == 0:
+        return b""
+    blob = bucket.blob(event.name, generation=event.generation)
+    try:
+        # One byte past the limit is enough to tell that the metadata lied about the size.
+        return blob.download_as_bytes(start=0, end=policy.max_bytes)
+    except gexc.NotFound:
+        return None
+
+
+def _log_skip(outcome: str, event: UploadEvent, path: schema.UploadPath) -> None:
+    if outcome == Outcome.NO_ACTOR:
+        log.warning(
+            "upload %s: actor %s does not exist; nothing recorded (the sweeper retries "
+            "once it exists)", event.name, path.actor_id,
+        )
+    elif outcome == Outcome.FOREIGN_ACTOR:
+        log.warning(
+            "upload %s: actor %s does not belong to uploader %s; nothing recorded",
+            event.name, path.actor_id, path.uid,
+        )
+    else:
+        log.info("upload %s: %s", event.name, outcome)
+
+
+def _to_int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and value != "" else None
+    except (TypeError, ValueError):
+        return None

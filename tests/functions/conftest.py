@@ -1,0 +1,47 @@
+"""Shared pieces of the functions tests: import paths, a clean database, a local executor.
+
+The emulator fixtures (``emulators``, ``db``, ``bucket``) come from tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+for path in (REPO_ROOT / "functions", REPO_ROOT):  # actorgen, and tests.photos
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+STAND_IN_DIR = Path(__file__).parent / "stand_in_trainer"
+
+
+@pytest.fixture
+def executor_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Builds LocalExecutors running the stand-in trainer; stops every trainer afterwards."""
+    from actorgen.executors import ExecutorSettings, build_executor
+
+    made: list[Any] = []
+
+    def make(mode: str = "hang", **overrides: Any) -> Any:
+        settings = ExecutorSettings(
+            kind="local",
+            project="demo-actorgen",
+            local_workdir=str(tmp_path / "executor"),
+            local_module="stand_in_trainer",
+            local_pythonpath=(str(STAND_IN_DIR),),
+            local_cancel_grace_seconds=2.0,
+            extra_env={"ACTORGEN_STAND_IN_MODE": mode},
+        ).replace(**overrides)
+        executor = build_executor(settings)
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        for folder in sorted(executor.workdir.glob("j*-a*")):
+            executor.cancel(folder.name)

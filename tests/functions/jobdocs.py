@@ -1,0 +1,67 @@
+"""Documents as the app and the pipeline leave them, for the emulator tests."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from actorgen import schema
+from actorgen.schema import Field, ImageField, ImageStatus, JobStatus, ModelStatus
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def put_actor(db: Any, owner: str, accepted: int = 5, **fields: Any) -> str:
+    """An actor with ``accepted`` accepted photo records (no files: intake reads only these)."""
+    actor_id = new_id("actor")
+    images = {
+        f"img{i}": {ImageField.STATUS: ImageStatus.ACCEPTED, ImageField.PATH: f"p{i}"}
+        for i in range(accepted)
+    }
+    db.collection(schema.ACTORS).document(actor_id).set(
+        {Field.USER_ID: owner, Field.IMAGES: images, Field.ACCEPTED_IMAGE_COUNT: accepted,
+         Field.MODEL_STATUS: ModelStatus.NONE, **fields}
+    )
+    return actor_id
+
+
+def put_queued_job(
+    db: Any,
+    owner: str,
+    *,
+    actor_id: str | None = None,
+    queued_at: datetime | None = None,
+    priority: int = 0,
+    **fields: Any,
+) -> str:
+    """A job as intake leaves it: queued, released, attempt 0; its actor follows it."""
+    job_id = new_id("job")
+    actor_id = actor_id or put_actor(db, owner)
+    when = queued_at or datetime.now(UTC)
+    data = {
+        Field.USER_ID: owner,
+        Field.ACTOR_ID: actor_id,
+        Field.INSTANCE_NAME: "sks_person",
+        Field.BASE_MODEL_ID: "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        Field.STATUS: JobStatus.QUEUED,
+        Field.QUEUED_AT: when,
+        Field.NEXT_ATTEMPT_AT: when,
+        Field.ATTEMPT: 0,
+        Field.MAX_ATTEMPTS: 3,
+        Field.ATTEMPT_HISTORY: [],
+        Field.PRIORITY: priority,
+        Field.ERROR: None,
+    }
+    data.update(fields)
+    db.collection(schema.TRAINING_JOBS).document(job_id).set(data)
+    db.collection(schema.ACTORS).document(actor_id).update(
+        {Field.LATEST_JOB_ID: job_id, Field.MODEL_STATUS: ModelStatus.QUEUED}
+    )
+    return job_id
+
+
+def read(db: Any, collection: str, doc_id: str) -> dict[str, Any]:
+    return db.collection(collection).document(doc_id).get().to_dict()

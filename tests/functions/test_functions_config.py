@@ -1,0 +1,42 @@
+"""Params are read at run time only, into a plain Settings value."""
+
+from __future__ import annotations
+
+import pytest
+from actorgen import config, schema
+from actorgen.config import Settings
+
+
+def test_settings_defaults_are_the_params_defaults() -> None:
+    s = Settings()
+    assert s.min_images == config.MIN_IMAGES.default == 5
+    assert s.max_images == 30
+    assert s.executor_kind == "vertex"
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in s.allowed_base_models
+
+
+def test_load_settings_reads_the_environment_when_called(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIN_IMAGES", "7")
+    monkeypatch.setenv("EXECUTOR", " Local ")
+    monkeypatch.setenv("ALLOWED_BASE_MODELS", "a/b, c/d,")
+    monkeypatch.setenv("SCHEDULING_STRATEGY", "spot")
+    monkeypatch.setenv("GCLOUD_PROJECT", "p1")
+    monkeypatch.setenv("FIREBASE_CONFIG", '{"projectId": "p1", "storageBucket": "b1"}')
+    monkeypatch.delenv("STORAGE_BUCKET", raising=False)
+    s = config.load_settings()
+    assert (s.min_images, s.executor_kind, s.scheduling_strategy) == (7, "local", "SPOT")
+    assert s.allowed_base_models == ("a/b", "c/d")
+    assert (s.project, s.bucket) == ("p1", "b1")
+
+
+def test_executor_settings_carry_the_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings(
+        executor_kind="local", project="p", bucket="b", local_trainer_python="/x/python",
+        hf_token_secret="hf-token", accelerator_count=2,
+    )
+    e = s.executor_settings()
+    assert (e.kind, e.project, e.bucket, e.local_python, e.accelerator_count) == (
+        "local", "p", "b", "/x/python", 2
+    )
+    assert e.extra_env == {schema.ENV_HF_TOKEN_SECRET: "hf-token"}
+    assert Settings().executor_settings().extra_env == {}

@@ -1,0 +1,103 @@
+"""TrainConfig from job documents, prompts, estimates and error messages."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+from actorgen import schema
+from lora_trainer import config as cfg
+from lora_trainer.errors import DiskFullError, TrainerError, describe
+from lora_trainer.run import check_disk_space
+
+F = schema.Field
+
+
+def _job(**extra: object) -> dict[str, object]:
+    job: dict[str, object] = {F.USER_ID: "u1", F.ACTOR_ID: "a1", F.INSTANCE_NAME: "ohwx",
+                              F.BASE_MODEL_ID: "runwayml/stable-diffusion-v1-5"}
+    job.update(extra)
+    return job
+
+
+def test_defaults_come_from_the_schema() -> None:
+    config = cfg.TrainConfig.from_job("j1", 2, _job())
+    defaults = {spec.field: spec.default for spec in schema.HYPERPARAMETERS}
+    assert config.max_train_steps == defaults[F.TRAINING_STEPS]
+    assert config.learning_rate == defaults[F.LEARNING_RATE] == 1e-4
+    assert config.lora_rank == defaults[F.LORA_RANK]
+    assert config.resolution == 0
+    assert (config.job_id, config.attempt, config.user_id) == ("j1", 2, "u1")
+    assert config.instance_prompt == "a photo of ohwx person"
+    assert config.class_prompt == "a photo of person"
+    assert config.trigger == "ohwx person"
+
+
+def test_job_values_and_trainer_settings() -> None:
+    config = cfg.TrainConfig.from_job(
+        "j", 1, _job(**{F.LORA_RANK: 32, F.LORA_ALPHA: 16, F.CLASS_WORD: "woman",
+                        F.TRAINING_STEPS: 400}),
+        checkpoint_every=50, caption_template="{instance} {class_word}, portrait",
+    )
+    assert (config.lora_rank, config.lora_alpha, config.checkpoint_every) == (32, 16, 50)
+    assert config.instance_prompt == "ohwx woman, portrait"
+    assert config.resolved_warmup_steps == 20
+    assert len(config.sample_prompts()) == config.num_samples
+    assert all("ohwx woman" in p for p in config.sample_prompts())
+
+
+@pytest.mark.parametrize("bad", [
+    {F.LEARNING_RATE: 1.0},
+    {F.LORA_RANK: 0},
+    {F.RESOLUTION: 100},
+    {F.INSTANCE_NAME: "x"},
+    {F.BASE_MODEL_ID: ""},
+])
+def test_invalid_jobs_are_refused_with_the_field_named(bad: dict[str, object]) -> None:
+    with pytest.raises(TrainerError) as info:
+        cfg.TrainConfig.from_job("j", 1, _job(**bad))
+    assert any(name in str(info.value) or "instance name" in str(info.value)
+               for name in bad)
+
+
+def test_unknown_setting_is_a_programming_error() -> None:
+    with pytest.raises(TypeError):
+        cfg.TrainConfig.from_job("j", 1, _job(), no_such_setting=1)
+
+
+def test_time_estimate_scales_with_steps_batch_resolution_and_prior() -> None:
+    base = cfg.TrainConfig.from_job("j", 1, _job(**{F.TRAINING_STEPS: 800,
+                                                    F.TRAINING_BATCH_SIZE: 2}))
+    h200 = 989e12
+    seconds = cfg.estimate_training_seconds("sd", 512, base, h200)
+    # 800 steps x 2 samples x 1.725 TFLOP at 10% of 989 TFLOP/s: about 28 s.
+    assert seconds == pytest.approx(800 * 2 * 1.725e12 / (0.1 * h200))
+    prior = cfg.TrainConfig.from_job("j", 1, _job(**{F.TRAINING_STEPS: 800,
+                                                     F.TRAINING_BATCH_SIZE: 2,
+                                                     F.PRIOR_PRESERVATION: True}))
+    assert cfg.estimate_training_seconds("sd", 512, prior, h200) == pytest.approx(2 * seconds)
+    assert cfg.estimate_training_seconds("sd", 512, base, h200, remaining_steps=400) == (
+        pytest.approx(seconds / 2))
+    assert cfg.estimate_training_seconds("sdxl", 1024, base, h200) > 8 * seconds
+    assert cfg.estimate_training_seconds("sd", 512, base, h200, gradient_checkpointing=True) > (
+        seconds)
+
+
+def test_error_messages_are_readable() -> None:
+    full = OSError(errno.ENOSPC, "No space left on device", "/work/x.safetensors")
+    assert describe(full).startswith("the trainer ran out of disk space while writing")
+    wrapped = RuntimeError("write failed")
+    wrapped.__cause__ = full
+    assert "ran out of disk space" in describe(wrapped)
+    assert describe(TrainerError("the photo 'a.jpg' cannot be used")) == (
+        "the photo 'a.jpg' cannot be used")
+    oom = type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory")
+    assert F.TRAINING_BATCH_SIZE in describe(oom)
+    assert describe(KeyError("x")) == "internal trainer error: KeyError: 'x'"
+
+
+def test_disk_space_precondition(tmp_path: Path) -> None:
+    check_disk_space(tmp_path / "ok", 1)
+    with pytest.raises(DiskFullError, match="not enough disk space"):
+        check_disk_space(tmp_path / "big", 1 << 60)

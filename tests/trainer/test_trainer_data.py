@@ -1,0 +1,80 @@
+"""Photos: which ones are used, face-centred crops, and corrupt files."""
+
+from __future__ import annotations
+
+import pytest
+from actorgen import faces, schema
+from lora_trainer import data
+from lora_trainer.errors import DataError
+
+from tests import photos
+
+IF = schema.ImageField
+
+
+def _record(path: str, status: str) -> dict[str, object]:
+    return {IF.PATH: path, IF.STATUS: status}
+
+
+def test_only_accepted_images_are_used_in_path_order() -> None:
+    actor = {schema.Field.IMAGES: {
+        "b": _record("users/u/actors/a/images/2.jpg", schema.ImageStatus.ACCEPTED),
+        "a": _record("users/u/actors/a/images/1.jpg", schema.ImageStatus.ACCEPTED),
+        "c": _record("users/u/actors/a/images/3.jpg", schema.ImageStatus.REJECTED),
+    }}
+    refs = data.accepted_images(actor)
+    assert [r.image_id for r in refs] == ["a", "b"]
+    assert refs[0].file_name == "1.jpg"
+
+
+def test_no_accepted_photo_is_a_data_error() -> None:
+    with pytest.raises(DataError, match="no accepted photos"):
+        data.accepted_images({schema.Field.IMAGES: {}})
+
+
+def test_crop_is_centred_on_the_face_and_resized() -> None:
+    photo = photos.portrait(2)  # head placed right of centre
+    face = faces.detect_faces(photo)[0]
+    ref = data.ImageRef("x", "users/u/actors/a/images/x.jpg")
+    left, top, right, bottom = data.crop_box(photo, ref, margin=1.0)
+    assert right - left == bottom - top  # square
+    assert left <= face.x and right >= face.x + face.w
+    assert top <= face.y and bottom >= face.y + face.h
+    image = data.prepare_image(photos.jpeg(photo), ref, 64, 1.0)
+    assert image.size == (64, 64)
+    # The crop around the face again contains a detectable face, centred-ish.
+    big = data.prepare_image(photos.jpeg(photo), ref, 256, 1.0)
+    found = faces.detect_faces(big)
+    assert found and abs(found[0].center[0] - 128) < 40
+
+
+def test_exif_rotated_photo_is_upright_before_cropping() -> None:
+    ref = data.ImageRef("x", "p/rotated.png")
+    image = data.prepare_image(photos.with_exif_rotation(photos.portrait(0)), ref, 256, 1.0)
+    assert faces.detect_faces(image), "the face must be upright after EXIF orientation"
+
+
+def test_corrupt_photo_names_the_file() -> None:
+    ref = data.ImageRef("x", "users/u/actors/a/images/IMG_0042.jpg")
+    broken = photos.truncated(photos.jpeg(photos.portrait(0)), keep=0.3)
+    with pytest.raises(DataError, match="IMG_0042.jpg"):
+        data.prepare_image(broken, ref, 64, 1.0)
+    with pytest.raises(DataError, match="IMG_0042.jpg"):
+        data.prepare_image(photos.text_as_jpg(), ref, 64, 1.0)
+
+
+def test_photo_without_face_falls_back_to_stored_box_then_centre() -> None:
+    image = photos.no_face()
+    stored = data.ImageRef("x", "p/x.jpg", face={"x": 10, "y": 20, "w": 100, "h": 100})
+    assert data.crop_box(image, stored, margin=0.5) == (0, 0, 200, 200)
+    width, height = image.size
+    left, top, right, bottom = data.crop_box(image, data.ImageRef("x", "p/x.jpg"), margin=1.0)
+    assert right - left == min(width, height) and left == (width - height) // 2
+
+
+def test_tensor_range(face_pixels: object) -> None:
+    import torch
+
+    assert isinstance(face_pixels, torch.Tensor)
+    assert face_pixels.shape == (4, 3, 64, 64)
+    assert -1.0 <= float(face_pixels.min()) and float(face_pixels.max()) <= 1.0

@@ -1,0 +1,1 @@
+"""Developer tooling: the emulator harness (not deployed)."""

@@ -1,0 +1,109 @@
+"""Entry point: ``python -m lora_trainer --job-id ID --attempt N``.
+
+The container's ENTRYPOINT, the LocalExecutor and the tests all start the
+trainer exactly like this. Job id, attempt, project and bucket fall back to
+the environment variables named in ``actorgen.schema``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from actorgen import schema
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lora_trainer",
+                                description="Train a person LoRA for one training job.")
+    p.add_argument("--job-id", default=os.environ.get(schema.ENV_JOB_ID),
+                   help=f"training job id (env {schema.ENV_JOB_ID})")
+    p.add_argument("--attempt", type=int, default=_env_int(schema.ENV_ATTEMPT) or 1,
+                   help=f"1-based attempt number (env {schema.ENV_ATTEMPT}; default 1)")
+    p.add_argument("--project", default=os.environ.get(schema.ENV_PROJECT),
+                   help=f"Google Cloud project (env {schema.ENV_PROJECT})")
+    p.add_argument("--bucket", default=os.environ.get(schema.ENV_BUCKET),
+                   help=f"Cloud Storage bucket (env {schema.ENV_BUCKET})")
+    p.add_argument("--work-dir", type=Path,
+                   default=Path(os.environ.get("ACTORGEN_WORK_DIR", "/tmp/actorgen-trainer")),
+                   help="local scratch space for photos, checkpoints and exports "
+                        "(env ACTORGEN_WORK_DIR)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when available")
+    p.add_argument("--max-steps-override", type=int, default=None,
+                   help="train this many steps instead of the job's (tests, demos)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=None)
+    p.add_argument("--report-every", type=float, default=None, dest="report_every_seconds",
+                   help="seconds between progress writes to the job document")
+    p.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default=None)
+    p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default=None)
+    p.add_argument("--caption-template", default=None,
+                   help='e.g. "a photo of {instance} {class_word}"')
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="denoising steps of the sample images and class images")
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--num-class-images", type=int, default=None)
+    p.add_argument("--min-free-disk-mb", type=float, default=None,
+                   help="refuse to start with less free disk (default 2048)")
+    p.add_argument("--compile", action="store_true", default=None, dest="compile_unet",
+                   help="torch.compile the UNet (pays off only for long runs)")
+    p.add_argument("--no-hub", action="store_true", help="never push to the Hugging Face Hub")
+    p.add_argument("--no-progress-bar", action="store_true")
+    p.add_argument("--keep-work-dir", action="store_true")
+    p.add_argument("--log-level", default=os.environ.get("ACTORGEN_LOG_LEVEL", "INFO"))
+    args = p.parse_args(argv)
+    if not args.job_id:
+        p.error(f"--job-id (or {schema.ENV_JOB_ID}) is required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from .run import RunOptions, run_job
+
+    settings = {
+        "checkpoint_every": args.checkpoint_every,
+        "keep_checkpoints": args.keep_checkpoints,
+        "report_every_seconds": args.report_every_seconds,
+        "mixed_precision": args.mixed_precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "caption_template": args.caption_template,
+        "sample_steps": args.sample_steps,
+        "num_samples": args.num_samples,
+        "num_class_images": args.num_class_images,
+        "compile_unet": args.compile_unet,
+        "min_free_disk_bytes": (None if args.min_free_disk_mb is None
+                                else int(args.min_free_disk_mb * 1024 * 1024)),
+    }
+    options = RunOptions(
+        job_id=args.job_id,
+        attempt=args.attempt,
+        project=args.project,
+        bucket=args.bucket,
+        work_dir=args.work_dir,
+        settings={k: v for k, v in settings.items() if v is not None},
+        max_steps_override=args.max_steps_override,
+        device=args.device,
+        push_to_hub=not args.no_hub,
+        progress_bar=not args.no_progress_bar,
+        keep_work_dir=args.keep_work_dir,
+    )
+    return run_job(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

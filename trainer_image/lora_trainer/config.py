@@ -1,0 +1,215 @@
+"""The trainer's typed configuration: the job document's hyper-parameters plus
+trainer settings that the job does not carry (checkpointing, reporting, samples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from actorgen import schema
+
+from .errors import TrainerError
+
+F = schema.Field
+
+DEFAULT_CAPTION_TEMPLATE: Final = "a photo of {instance} {class_word}"
+#: Prompts of the sample images in the export; ``{trigger}`` is "<instance> <class word>".
+DEFAULT_SAMPLE_PROMPTS: Final = (
+    "a photo of {trigger}",
+    "a close-up portrait photo of {trigger}, studio lighting",
+    "a photo of {trigger} smiling, outdoors, natural light",
+    "an oil painting of {trigger}",
+)
+MIXED_PRECISION_CHOICES: Final = ("auto", "no", "fp16", "bf16")
+GRADIENT_CHECKPOINTING_CHOICES: Final = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs, resolved and validated."""
+
+    job_id: str
+    attempt: int
+    user_id: str
+    actor_id: str
+    instance_name: str
+    base_model_id: str
+    class_word: str = schema.DEFAULT_CLASS_WORD
+    # -- hyper-parameters from the job (schema.HYPERPARAMETERS) --
+    max_train_steps: int = 800
+    train_batch_size: int = 2
+    learning_rate: float = 1e-4
+    lora_rank: int = 16
+    lora_alpha: int = 16
+    resolution: int = 0  # 0: the base model's native resolution
+    train_text_encoder: bool = False
+    prior_preservation: bool = False
+    min_snr_gamma: float = 5.0
+    seed: int = 1234
+    # -- trainer settings --
+    caption_template: str = DEFAULT_CAPTION_TEMPLATE
+    mixed_precision: str = "auto"
+    gradient_checkpointing: str = "auto"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 1
+    report_every_seconds: float = 5.0
+    warmup_steps: int | None = None  # None: 5% of the steps, at most 100
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    random_flip: bool = True
+    face_margin: float = 1.0
+    num_class_images: int = 50
+    prior_loss_weight: float = 1.0
+    num_samples: int = 4
+    sample_steps: int = 30
+    guidance_scale: float = 7.0
+    compile_unet: bool = False
+    min_free_disk_bytes: int = 2 * 1024**3
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise TrainerError(f"mixed precision must be one of {MIXED_PRECISION_CHOICES}")
+        if self.gradient_checkpointing not in GRADIENT_CHECKPOINTING_CHOICES:
+            raise TrainerError(
+                f"gradient checkpointing must be one of {GRADIENT_CHECKPOINTING_CHOICES}"
+            )
+        if self.max_train_steps < 1 or self.train_batch_size < 1:
+            raise TrainerError("training needs at least one step and a batch of at least one")
+        if self.checkpoint_every < 1:
+            raise TrainerError("checkpoint_every must be at least 1")
+        if "{instance}" not in self.caption_template:
+            raise TrainerError("the caption template must contain {instance}")
+
+    @property
+    def trigger(self) -> str:
+        """The words that call the trained person up in a prompt."""
+        return f"{self.instance_name} {self.class_word}"
+
+    @property
+    def instance_prompt(self) -> str:
+        return self.caption_template.format(instance=self.instance_name,
+                                            class_word=self.class_word)
+
+    @property
+    def class_prompt(self) -> str:
+        """The instance prompt without the instance token (prior preservation)."""
+        return " ".join(
+            self.caption_template.format(instance="", class_word=self.class_word).split()
+        )
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        if self.warmup_steps is not None:
+            return max(0, min(self.warmup_steps, self.max_train_steps))
+        return min(100, self.max_train_steps // 20)
+
+    def sample_prompts(self) -> list[str]:
+        prompts = DEFAULT_SAMPLE_PROMPTS * math.ceil(self.num_samples / len(DEFAULT_SAMPLE_PROMPTS))
+        return [p.format(trigger=self.trigger) for p in prompts[: self.num_samples]]
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The job-level hyper-parameters under their schema field names."""
+        return {
+            F.TRAINING_STEPS: self.max_train_steps,
+            F.TRAINING_BATCH_SIZE: self.train_batch_size,
+            F.LEARNING_RATE: self.learning_rate,
+            F.LORA_RANK: self.lora_rank,
+            F.LORA_ALPHA: self.lora_alpha,
+            F.RESOLUTION: self.resolution,
+            F.TRAIN_TEXT_ENCODER: self.train_text_encoder,
+            F.PRIOR_PRESERVATION: self.prior_preservation,
+            F.MIN_SNR_GAMMA: self.min_snr_gamma,
+            F.SEED: self.seed,
+            F.CLASS_WORD: self.class_word,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_job(
+        cls,
+        job_id: str,
+        attempt: int,
+        job: Mapping[str, Any],
+        **settings: Any,
+    ) -> TrainConfig:
+        """Build from a ``training_jobs`` document; ``settings`` override trainer settings.
+
+        Intake has validated and filled the hyper-parameters already; they are
+        resolved again here so a document edited by hand cannot break training.
+        """
+        values, problems = schema.normalize_hyperparameters(job)
+        if problems:
+            raise TrainerError("the job's settings are invalid: " + "; ".join(problems))
+        missing = [
+            name
+            for name in (F.USER_ID, F.ACTOR_ID, F.INSTANCE_NAME, F.BASE_MODEL_ID)
+            if not job.get(name)
+        ]
+        if missing:
+            raise TrainerError(f"the job document lacks {', '.join(missing)}")
+        instance = str(job[F.INSTANCE_NAME])
+        if not schema.INSTANCE_NAME_PATTERN.match(instance):
+            raise TrainerError(f"the instance name {instance!r} is not valid")
+        class_word = str(job.get(F.CLASS_WORD) or schema.DEFAULT_CLASS_WORD)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(settings) - fields
+        if unknown:
+            raise TypeError(f"unknown trainer settings: {sorted(unknown)}")
+        return cls(
+            job_id=job_id,
+            attempt=attempt,
+            user_id=str(job[F.USER_ID]),
+            actor_id=str(job[F.ACTOR_ID]),
+            instance_name=instance,
+            base_model_id=str(job[F.BASE_MODEL_ID]),
+            class_word=class_word,
+            max_train_steps=values[F.TRAINING_STEPS],
+            train_batch_size=values[F.TRAINING_BATCH_SIZE],
+            learning_rate=values[F.LEARNING_RATE],
+            lora_rank=values[F.LORA_RANK],
+            lora_alpha=values[F.LORA_ALPHA],
+            resolution=values[F.RESOLUTION],
+            train_text_encoder=values[F.TRAIN_TEXT_ENCODER],
+            prior_preservation=values[F.PRIOR_PRESERVATION],
+            min_snr_gamma=values[F.MIN_SNR_GAMMA],
+            seed=values[F.SEED],
+            **{k: v for k, v in settings.items() if v is not None},
+        )
+
+
+# ---------------------------------------------------------------------------
+# Cost estimates (used for the ETA before the first measured steps)
+# ---------------------------------------------------------------------------
+#: Forward+backward FLOPs of one LoRA (rank 16, attention) training sample at the
+#: model's native resolution, measured with torch's FlopCounterMode (trainer-notes).
+STEP_FLOPS_PER_SAMPLE: Final = {"sd": 1.725e12, "sdxl": 14.188e12}
+#: Extra cost of recomputing activations under gradient checkpointing.
+CHECKPOINTING_FACTOR: Final = {"sd": 2.317 / 1.725, "sdxl": 19.336 / 14.188}
+#: Share of peak bf16 throughput the lean loop reached on an H200 (trainer-notes).
+TYPICAL_UTILISATION: Final = 0.10
+
+
+def step_flops(kind: str, native_resolution: int, config: TrainConfig,
+               gradient_checkpointing: bool = False) -> float:
+    """FLOPs of one optimisation step (batch, resolution and prior preservation included)."""
+    resolution = config.resolution or native_resolution
+    per_sample = STEP_FLOPS_PER_SAMPLE[kind] * (resolution / native_resolution) ** 2
+    if gradient_checkpointing:
+        per_sample *= CHECKPOINTING_FACTOR[kind]
+    samples = config.train_batch_size * (2 if config.prior_preservation else 1)
+    return per_sample * samples
+
+
+def estimate_training_seconds(kind: str, native_resolution: int, config: TrainConfig,
+                              peak_flops: float, *, remaining_steps: int | None = None,
+                              gradient_checkpointing: bool = False) -> float:
+    """A rough duration of the remaining steps on a device of ``peak_flops`` FLOP/s."""
+    steps = config.max_train_steps if remaining_steps is None else remaining_steps
+    achieved = peak_flops * TYPICAL_UTILISATION
+    return steps * step_flops(kind, native_resolution, config, gradient_checkpointing) / achieved

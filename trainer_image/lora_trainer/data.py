@@ -1,0 +1,128 @@
+"""The actor's photos: download by object path, decode, crop around the face, resize.
+
+Uses the same decoder and face detector as upload validation
+(``actorgen.imaging``, ``actorgen.faces``) so the trainer sees the photos the
+way they were judged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from actorgen import schema
+
+from .errors import DataError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+IF = schema.ImageField
+DOWNLOAD_THREADS = 8
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One accepted photo: its map key, storage object name and stored face box."""
+
+    image_id: str
+    path: str
+    face: Mapping[str, int] | None = None
+
+    @property
+    def file_name(self) -> str:
+        return PurePosixPath(self.path).name
+
+
+def accepted_images(actor: Mapping[str, Any]) -> list[ImageRef]:
+    """The actor's accepted photos, in a stable order (by object path)."""
+    images = actor.get(schema.Field.IMAGES) or {}
+    refs = [
+        ImageRef(image_id=str(key), path=str(rec[IF.PATH]), face=rec.get(IF.FACE))
+        for key, rec in images.items()
+        if isinstance(rec, Mapping) and rec.get(IF.STATUS) == schema.ImageStatus.ACCEPTED
+        and rec.get(IF.PATH)
+    ]
+    if not refs:
+        raise DataError(
+            "the actor has no accepted photos; upload 5-30 clear photos of the person's face"
+        )
+    return sorted(refs, key=lambda r: r.path)
+
+
+def download_images(bucket: Any, refs: Sequence[ImageRef], dest: Path) -> list[Path]:
+    """Download each photo to ``dest``; a missing object is a :class:`DataError`."""
+    from google.api_core import exceptions as gexc
+
+    dest.mkdir(parents=True, exist_ok=True)
+
+    def fetch(ref: ImageRef) -> Path:
+        # The map key is a hash of the path: a safe, unique local file name.
+        target = dest / ref.image_id
+        try:
+            bucket.blob(ref.path).download_to_filename(str(target))
+        except gexc.NotFound:
+            raise DataError(
+                f"the photo {ref.file_name!r} is no longer in storage ({ref.path}); "
+                "upload it again or delete it from the actor"
+            ) from None
+        return target
+
+    with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+        return list(pool.map(fetch, refs))
+
+
+def crop_box(image: Image.Image, ref: ImageRef, margin: float) -> tuple[int, int, int, int]:
+    """A square around the largest detected face, else the stored face, else the centre."""
+    from actorgen import faces
+
+    found = faces.detect_faces(image)
+    face = found[0] if found else None
+    if face is None and ref.face:
+        face = faces.FaceBox(**{k: int(ref.face[k]) for k in ("x", "y", "w", "h")})
+    if face is None:
+        log.warning("no face found in %s; using a centre crop", ref.file_name)
+        width, height = image.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return left, top, left + side, top + side
+    return faces.face_crop_box(face, image.size, margin=margin)
+
+
+def prepare_image(data: bytes, ref: ImageRef, resolution: int, margin: float) -> Image.Image:
+    """Decode (EXIF-oriented RGB), crop square around the face and resize."""
+    from actorgen import imaging
+    from PIL import Image
+
+    try:
+        image = imaging.decode_image(data)
+    except imaging.ImageDecodeError as err:
+        raise DataError(f"the photo {ref.file_name!r} cannot be used: {err}") from None
+    box = crop_box(image, ref, margin)
+    side = box[2] - box[0]
+    if side < resolution:
+        log.info("%s: face crop is %d px, upscaled to %d", ref.file_name, side, resolution)
+    return image.crop(box).resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def load_training_images(files: Sequence[Path], refs: Sequence[ImageRef], resolution: int,
+                         margin: float) -> list[Image.Image]:
+    """Prepare every downloaded photo (see :func:`prepare_image`)."""
+    return [
+        prepare_image(Path(path).read_bytes(), ref, resolution, margin)
+        for path, ref in zip(files, refs, strict=True)
+    ]
+
+
+def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """``[N, 3, H, W]`` float32 in [-1, 1], as the VAE expects."""
+    arrays = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) for img in images])
+    tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+    return tensor / 127.5 - 1.0

@@ -1,0 +1,310 @@
+"""One training job from start to finish: preparing -> training -> uploading -> completed.
+
+Every way out is mapped: success writes ``completed`` (job) and ``ready``
+(actor) in one transaction; a user-fixable problem or a crash writes
+``failed`` with a readable error on both; a cancel request writes
+``cancelled``; SIGTERM (preemption) checkpoints and leaves the status for
+the restarted worker; a job owned by another attempt is left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actorgen import schema
+
+from .errors import (
+    AlreadyCompleted,
+    Cancelled,
+    DataError,
+    DiskFullError,
+    Preempted,
+    Superseded,
+    describe,
+)
+
+log = logging.getLogger(__name__)
+F = schema.Field
+S = schema.JobStatus
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the executor restarts the worker
+
+
+@dataclass
+class RunOptions:
+    job_id: str
+    attempt: int
+    project: str | None = None
+    bucket: str | None = None
+    work_dir: Path = Path("/tmp/actorgen-trainer")
+    settings: dict[str, Any] = field(default_factory=dict)  # TrainConfig trainer settings
+    max_steps_override: int | None = None
+    device: str | None = None  # None: cuda if available
+    push_to_hub: bool = True
+    progress_bar: bool = True
+    keep_work_dir: bool = False
+
+
+class Timings:
+    """Wall-clock seconds per phase (written to the job's ``timings``)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+        self._start = time.monotonic()
+
+    def phase(self, name: str) -> _Phase:
+        return _Phase(self, name)
+
+    def total(self) -> dict[str, float]:
+        return {**self.values, "totalSeconds": round(time.monotonic() - self._start, 3)}
+
+
+class _Phase:
+    def __init__(self, timings: Timings, name: str) -> None:
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.monotonic()
+
+    def __exit__(self, *_: Any) -> None:
+        elapsed = time.monotonic() - self.start
+        self.timings.values[self.name] = round(self.timings.values.get(self.name, 0) + elapsed, 3)
+
+
+def check_disk_space(path: Path, needed_bytes: int) -> None:
+    """Fail early, with a clear message, when ``path``'s disk has too little room."""
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise DiskFullError(
+            f"not enough disk space for training: {free / 1e9:.2f} GB free in {path}, "
+            f"at least {needed_bytes / 1e9:.2f} GB needed; give the training machine a "
+            "larger disk, then retry the job"
+        )
+
+
+def _hf_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def run_job(options: RunOptions) -> int:
+    """Run one attempt of one job; returns the process exit code."""
+    from actorgen import clients
+
+    from .reporting import JobNotFound, JobReporter
+    from .training import StopFlag
+
+    if options.project:
+        os.environ[schema.ENV_PROJECT] = options.project
+    if options.bucket:
+        os.environ[schema.ENV_BUCKET] = options.bucket
+    stop = StopFlag()
+    stop.install()
+    reporter: JobReporter | None = None
+    try:
+        db = clients.firestore_client()
+        bucket = clients.storage_bucket(options.bucket or clients.default_bucket_name())
+        interval = float(options.settings.get("report_every_seconds") or 5.0)
+        reporter = JobReporter(db, options.job_id, options.attempt, min_interval=interval)
+        return _run(options, reporter, bucket, stop)
+    except AlreadyCompleted:
+        log.info("job %s is already completed; nothing to do", options.job_id)
+        return EXIT_OK
+    except Superseded as why:
+        log.warning("stopping without writing: %s", why)
+        return EXIT_OK
+    except Cancelled:
+        log.info("job %s was cancelled; stopping", options.job_id)
+        if reporter is not None:
+            reporter.finish_cancelled()
+        return EXIT_OK
+    except Preempted as why:
+        log.warning("%s; the restarted worker resumes from the last checkpoint", why)
+        return EXIT_PREEMPTED
+    except JobNotFound as err:
+        log.error("%s", err)
+        return EXIT_FAILED
+    except BaseException as err:  # noqa: BLE001 - every failure must reach the job
+        message = describe(err)
+        log.exception("training failed: %s", message)
+        if reporter is not None:
+            reporter.finish_failure(message)
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        return EXIT_FAILED
+    finally:
+        stop.restore()
+
+
+def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
+    import torch
+
+    from . import data, export, hub, models
+    from .checkpoints import CheckpointStore
+    from .config import TrainConfig, estimate_training_seconds
+    from .reporting import FinishResult
+    from .training import build_trainer
+
+    timings = Timings()
+    job, actor = reporter.start()
+    config = TrainConfig.from_job(options.job_id, options.attempt, job, **options.settings)
+    if options.max_steps_override:
+        config = dataclasses.replace(config, max_train_steps=options.max_steps_override)
+    if actor is None:
+        raise DataError(f"the actor {config.actor_id!r} of this job does not exist")
+    work = options.work_dir / options.job_id / f"attempt-{options.attempt}"
+    check_disk_space(work, config.min_free_disk_bytes)
+    if not Path(config.base_model_id).is_dir():  # a hub id: it is downloaded to the cache
+        check_disk_space(_hf_cache_dir(), config.min_free_disk_bytes)
+    device = torch.device(options.device) if options.device else models.default_device()
+
+    beat = max(30.0, 4 * config.report_every_seconds)
+    with timings.phase("prepareSeconds"), reporter.keepalive(S.PREPARING, beat):
+        info = models.inspect_base_model(config.base_model_id)
+        resolution = config.resolution or info.native_resolution
+        # Photos first: a corrupt photo fails in seconds, not after a model download.
+        refs = data.accepted_images(actor)
+        files = data.download_images(bucket, refs, work / "images")
+        images = data.load_training_images(files, refs, resolution, config.face_margin)
+        model = models.load_base_model(config, device)
+        prepared = build_trainer(model, config, data.images_to_tensor(images))
+    trainer = prepared.trainer
+    store = CheckpointStore(
+        bucket,
+        schema.checkpoint_prefix(options.job_id, options.attempt),
+        work / "checkpoints",
+        keep=config.keep_checkpoints,
+    )
+    fingerprint = {
+        "base_model_id": config.base_model_id,
+        **{k: v for k, v in config.hyperparameters().items()},
+        "max_train_steps": config.max_train_steps,
+        "caption": config.instance_prompt,
+        "images": [r.path for r in refs],
+    }
+    meta: dict[str, Any] = {"fingerprint": fingerprint}
+    restored = store.latest(device, fingerprint)
+    resumed_from = 0
+    if restored is not None:
+        trainer.load_trainable_state(restored.weights)
+        trainer.load_training_state(restored.state)
+        meta.update({k: v for k, v in restored.meta.items() if k != "fingerprint"})
+        resumed_from = trainer.step
+        log.info("resuming from the checkpoint at step %d", resumed_from)
+    else:
+        meta["evalLossStart"] = trainer.fixed_noise_loss(seed=config.seed)
+
+    total = config.max_train_steps
+    eta = 0.0
+    if device.type == "cuda":
+        peak = _peak_flops(device)
+        eta = estimate_training_seconds(
+            info.kind, info.native_resolution, config, peak,
+            remaining_steps=total - trainer.step,
+            gradient_checkpointing=prepared.gradient_checkpointing,
+        )
+    reporter.set_status(S.TRAINING, **{
+        F.STEP: trainer.step, F.TOTAL_STEPS: total, F.ETA_SECONDS: round(eta, 1),
+        F.PROGRESS: min(99, 100 * trainer.step // total),
+    })
+
+    def save_checkpoint(step: int) -> None:
+        with timings.phase("checkpointSeconds"):
+            store.save(step, trainer.trainable_state(), trainer.training_state(), meta)
+
+    def report(progress: Any) -> None:
+        meta["lastLoss"] = progress.loss  # kept in checkpoints for the final metrics
+        reporter.progress(progress)
+
+    with timings.phase("trainSeconds"):
+        loop = trainer.run(
+            total,
+            report_every_seconds=config.report_every_seconds,
+            on_report=report,
+            checkpoint_every=config.checkpoint_every,
+            on_checkpoint=save_checkpoint,
+            should_stop=stop,
+            progress_bar=options.progress_bar,
+        )
+
+    reporter.set_status(S.UPLOADING, **{F.STEP: trainer.step, F.TOTAL_STEPS: total,
+                                        F.PROGRESS: 99, F.ETA_SECONDS: None})
+    with timings.phase("exportSeconds"), reporter.keepalive(S.UPLOADING, beat):
+        eval_end = trainer.fixed_noise_loss(seed=config.seed)
+        final_loss = loop.losses[-1][1] if loop.losses else meta.get("lastLoss")
+        metrics: dict[str, Any] = {
+            "finalLoss": final_loss,
+            "evalLossStart": meta.get("evalLossStart"),
+            "evalLossEnd": eval_end,
+            "samplesPerSecond": round(loop.samples_per_second, 3),
+            "steps": trainer.step,
+            "resumedFromStep": resumed_from,
+            "images": len(refs),
+            "resolution": prepared.resolution,
+            "mixedPrecision": prepared.mixed_precision,
+            "gradientCheckpointing": prepared.gradient_checkpointing,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        }
+        out = work / "export"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        export.save_diffusers_lora(model, config, out)
+        export.save_kohya_lora(model, config, out)
+        samples = export.render_samples(model, config, prepared.resolution, out)
+        (out / schema.ArtifactName.MODEL_CARD).write_text(
+            export.model_card(model, config, metrics, samples), encoding="utf-8")
+        (out / schema.ArtifactName.TRAINING_CONFIG).write_text(
+            export.training_config_json(model, config, metrics, {"jobId": options.job_id,
+                                                                 "attempt": options.attempt}),
+            encoding="utf-8")
+    with timings.phase("uploadSeconds"), reporter.keepalive(S.UPLOADING, beat):
+        prefix = schema.model_prefix(config.user_id, config.actor_id, options.job_id)
+        artifacts = export.upload_artifacts(bucket, prefix, out)
+        hub_repo, hub_error = hub.maybe_push(out, options.job_id) if options.push_to_hub else (
+            None, None)
+        if hub_error:
+            metrics["hubError"] = hub_error
+    version = reporter.finish_success(FinishResult(
+        trained_model_id=options.job_id,
+        artifacts=artifacts,
+        metrics=metrics,
+        timings=timings.total(),
+        base_model_id=config.base_model_id,
+        trigger=config.trigger,
+        step=trainer.step,
+        total_steps=total,
+        hub_repo=hub_repo,
+    ))
+    log.info("job %s completed: model version %d, %d files under %s", options.job_id, version,
+             len(artifacts), prefix)
+    # The model is published: the checkpoints (service-only) are no longer needed.
+    store.delete_all()
+    if not options.keep_work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return EXIT_OK
+
+
+#: Dense bf16 tensor throughput of common training GPUs (FLOP/s), for the first ETA.
+_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12,
+               "V100": 125e12, "A10": 125e12, "L40": 181e12}
+
+
+def _peak_flops(device: Any) -> float:
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    for key, flops in _PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    return 100e12

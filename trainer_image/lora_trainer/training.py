@@ -1,0 +1,443 @@
+"""The DreamBooth-LoRA optimisation: one step, and the loop around it.
+
+One step: draw photos (with random horizontal flips) from the cached VAE
+posteriors, add noise at random timesteps, predict it (or the velocity, for
+v-prediction models) with the LoRA'd UNet, weight the loss per sample with
+min-SNR, add the prior-preservation loss, and take an AdamW step. Everything
+random comes from one generator on the device, whose state is checkpointed,
+so a resumed run draws exactly what an uninterrupted one would. Nothing in a
+step waits for the GPU; the loop reads the loss back only when it reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .encode import LatentStats, PromptEmbeds, encode_tokens
+from .models import SDXL, LoadedModel, lora_modules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """Everything a step reads, already on the device."""
+
+    instance: LatentStats
+    instance_tokens: list[torch.Tensor]  # [1, L] per tokenizer
+    instance_embeds: PromptEmbeds | None  # None when the text encoders are trained
+    class_latents: LatentStats | None = None
+    class_tokens: list[torch.Tensor] | None = None
+    class_embeds: PromptEmbeds | None = None
+    time_ids: torch.Tensor | None = None  # SDXL [1, 6]
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int
+    loss: float  # mean training loss since the previous report
+    samples_per_second: float
+    eta_seconds: float
+    elapsed_seconds: float
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss)
+    train_seconds: float = 0.0
+    samples_per_second: float = 0.0
+
+
+class LoraTrainer:
+    """Optimiser, LR schedule, RNG and the training step for one LoRA."""
+
+    def __init__(self, model: LoadedModel, config: TrainConfig, data: TrainingData,
+                 params: list[torch.nn.Parameter], mixed_precision: str) -> None:
+        from accelerate import Accelerator
+        from diffusers.optimization import get_scheduler
+
+        self.model = model
+        self.config = config
+        self.data = data
+        self.params = params
+        self.device = model.device
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision, cpu=model.device.type == "cpu"
+        )
+        self.modules = lora_modules(model, config)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=config.learning_rate,
+            betas=(0.9, 0.999),
+            weight_decay=config.adam_weight_decay,
+            eps=1e-8,
+            # One kernel for all parameters instead of several per tensor.
+            fused=model.device.type == "cuda",
+        )
+        lr_scheduler = get_scheduler(
+            "constant_with_warmup",
+            optimizer=optimizer,
+            num_warmup_steps=config.resolved_warmup_steps,
+        )
+        prepared = self.accelerator.prepare(*self.modules.values(), optimizer, lr_scheduler)
+        *_, self.optimizer, self.lr_scheduler = prepared
+        self.unet = self.model.unet
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.step = 0
+        self.prediction_type = model.info.prediction_type
+        self.samples_per_step = config.train_batch_size * (2 if data.class_latents else 1)
+        sched = model.noise_scheduler
+        self.num_timesteps = sched.config.num_train_timesteps
+        alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
+        self._sqrt_alpha = alphas_cumprod.sqrt()
+        self._sqrt_one_minus_alpha = (1.0 - alphas_cumprod).sqrt()
+        self._snr = alphas_cumprod / (1.0 - alphas_cumprod)
+
+    # ------------------------------------------------------------------ step
+    def _draw(self, stats: LatentStats, count: int) -> torch.Tensor:
+        """``count`` latents sampled from random cached posteriors.
+
+        With random flips on, the mirrored photos are part of the cache, so a
+        uniform index is also a random flip.
+        """
+        index = torch.randint(0, len(stats), (count,), device=self.device,
+                              generator=self.generator)
+        mean, std = stats.mean[index], stats.std[index]
+        noise = torch.randn(mean.shape, device=self.device, generator=self.generator)
+        return mean + std * noise
+
+    def _conditioning(self, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        data = self.data
+        if data.instance_embeds is not None:
+            inst = data.instance_embeds
+            cls = data.class_embeds
+        else:  # text-encoder LoRA: the embeddings change every step
+            tokens = data.instance_tokens
+            if data.class_tokens is not None:
+                tokens = [torch.cat([a, b]) for a, b in zip(tokens, data.class_tokens, strict=True)]
+            both = encode_tokens(self.model, tokens)
+            inst = PromptEmbeds(both.hidden[:1], None if both.pooled is None else both.pooled[:1])
+            cls = None
+            if data.class_tokens is not None:
+                cls = PromptEmbeds(both.hidden[1:2],
+                                   None if both.pooled is None else both.pooled[1:2])
+        parts = [inst.repeat(batch)]
+        if data.class_latents is not None and cls is not None:
+            parts.append(cls.repeat(batch))
+        hidden = torch.cat([p.hidden for p in parts])
+        added = None
+        if self.model.kind == SDXL:
+            pooled = torch.cat([p.pooled for p in parts])  # type: ignore[misc]
+            added = {
+                "text_embeds": pooled,
+                "time_ids": data.time_ids.expand(hidden.shape[0], -1),  # type: ignore[union-attr]
+            }
+        return hidden, added
+
+    def _loss(self, latents: torch.Tensor, hidden: torch.Tensor,
+              added: dict[str, torch.Tensor] | None, noise: torch.Tensor,
+              timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample min-SNR-weighted MSE ``[n]``."""
+        a = self._sqrt_alpha[timesteps].view(-1, 1, 1, 1)
+        s = self._sqrt_one_minus_alpha[timesteps].view(-1, 1, 1, 1)
+        noisy = a * latents + s * noise
+        if self.device.type == "cuda":
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        pred = self.unet(noisy, timesteps, encoder_hidden_states=hidden,
+                         added_cond_kwargs=added, return_dict=False)[0]
+        target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        gamma = self.config.min_snr_gamma
+        if gamma > 0:
+            # Min-SNR-gamma (Hang et al. 2023): equalises the pull of easy and
+            # hard timesteps; v-prediction's target already scales by SNR+1.
+            snr = self._snr[timesteps]
+            weight = torch.clamp(snr, max=gamma)
+            weight = weight / (snr + 1) if self.prediction_type == "v_prediction" else weight / snr
+            loss = loss * weight
+        return loss
+
+    def train_step(self) -> torch.Tensor:
+        """One optimisation step; returns the loss as a device tensor (no host sync)."""
+        batch = self.config.train_batch_size
+        latents = self._draw(self.data.instance, batch)
+        if self.data.class_latents is not None:
+            latents = torch.cat([latents, self._draw(self.data.class_latents, batch)])
+        noise = torch.randn(latents.shape, device=self.device, generator=self.generator)
+        timesteps = torch.randint(0, self.num_timesteps, (latents.shape[0],),
+                                  device=self.device, generator=self.generator)
+        with self.accelerator.autocast():
+            hidden, added = self._conditioning(batch)
+            per_sample = self._loss(latents, hidden, added, noise, timesteps)
+        loss = per_sample[:batch].mean()
+        if self.data.class_latents is not None:
+            loss = loss + self.config.prior_loss_weight * per_sample[batch:].mean()
+        self.accelerator.backward(loss)
+        if self.config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.detach()
+
+    # ------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def fixed_noise_loss(self, *, seed: int = 0, images: int = 8,
+                         timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)) -> float:
+        """Unweighted loss on the photos' posterior means with fixed noise and timesteps.
+
+        The same number before and after training says how much the LoRA
+        learned, free of the sampling noise of the training loss.
+        """
+        gen = torch.Generator(self.device).manual_seed(seed)
+        n = min(images, len(self.data.instance))
+        latents = self.data.instance.mean[:n]
+        total = 0.0
+        for t in timesteps:
+            noise = torch.randn(latents.shape, device=self.device, generator=gen)
+            ts = torch.full((n,), t, device=self.device, dtype=torch.long)
+            with self.accelerator.autocast():
+                hidden, added = self._conditioning(n)
+                hidden = hidden[:n]
+                if added is not None:
+                    added = {k: v[:n] for k, v in added.items()}
+                a = self._sqrt_alpha[ts].view(-1, 1, 1, 1)
+                s = self._sqrt_one_minus_alpha[ts].view(-1, 1, 1, 1)
+                pred = self.unet(a * latents + s * noise, ts, encoder_hidden_states=hidden,
+                                 added_cond_kwargs=added, return_dict=False)[0]
+            target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
+            total += F.mse_loss(pred.float(), target.float()).item()
+        return total / len(timesteps)
+
+    # ------------------------------------------------------------ checkpoints
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights by ``component.parameter`` name (fp32, on the CPU)."""
+        state = {}
+        for name, module in self.modules.items():
+            for pname, param in module.named_parameters():
+                if param.requires_grad:
+                    state[f"{name}.{pname}"] = param.detach().to("cpu", copy=True)
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {}
+        for name, module in self.modules.items():
+            for pname, param in module.named_parameters():
+                if param.requires_grad:
+                    expected[f"{name}.{pname}"] = param
+        if set(expected) != set(state):
+            raise ValueError("checkpoint LoRA weights do not match this model's adapters")
+        with torch.no_grad():
+            for key, param in expected.items():
+                param.copy_(state[key].to(param.device, param.dtype))
+
+    def training_state(self) -> dict[str, Any]:
+        """Optimiser, LR schedule, loss scaler, RNG and step: all a resume needs."""
+        scaler = self.accelerator.scaler
+        # A snapshot: state_dict() returns live tensors that the next step mutates.
+        return _cpu_copy({
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "generator": self.generator.get_state(),
+        })
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"].cpu())
+        self.step = int(state["step"])
+
+    # ------------------------------------------------------------------- loop
+    def run(
+        self,
+        total_steps: int,
+        *,
+        report_every_seconds: float,
+        on_report: Callable[[Progress], None] | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        progress_bar: bool = True,
+    ) -> LoopResult:
+        """Train up to ``total_steps``; report, checkpoint and stop as asked.
+
+        ``should_stop`` returning True (SIGTERM) checkpoints and raises
+        :class:`~lora_trainer.errors.Preempted`. ``on_report`` may raise to
+        stop (cancel, superseded).
+        """
+        from tqdm.auto import tqdm
+
+        from .errors import Preempted
+
+        result = LoopResult(steps=self.step)
+        start_step = self.step
+        started = time.monotonic()
+        window_start, window_step = started, self.step
+        loss_sum = torch.zeros((), device=self.device)
+        bar = tqdm(total=total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not progress_bar, mininterval=2.0)
+        try:
+            while self.step < total_steps:
+                loss_sum += self.train_step()
+                bar.update(1)
+                done = self.step >= total_steps
+                now = time.monotonic()
+                if done or now - window_start >= report_every_seconds:
+                    mean_loss = (loss_sum / (self.step - window_step)).item()  # syncs
+                    now = time.monotonic()
+                    rate = (self.step - window_step) / max(now - window_start, 1e-9)
+                    sps = rate * self.samples_per_step
+                    progress = Progress(
+                        step=self.step,
+                        total_steps=total_steps,
+                        loss=mean_loss,
+                        samples_per_second=sps,
+                        eta_seconds=(total_steps - self.step) / rate if rate else 0.0,
+                        elapsed_seconds=now - started,
+                    )
+                    result.losses.append((self.step, mean_loss))
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{sps:.1f}")
+                    loss_sum.zero_()
+                    window_start, window_step = now, self.step
+                    if on_report is not None:
+                        on_report(progress)
+                stop = should_stop() if should_stop is not None else False
+                periodic = checkpoint_every and self.step % checkpoint_every == 0
+                if on_checkpoint is not None and (periodic or done or stop):
+                    on_checkpoint(self.step)
+                if stop and not done:
+                    raise Preempted(f"stopped at step {self.step} on request")
+        finally:
+            bar.close()
+        elapsed = time.monotonic() - started
+        result.steps = self.step
+        result.train_seconds = elapsed
+        if self.step > start_step and elapsed > 0:
+            result.samples_per_second = (self.step - start_step) * self.samples_per_step / elapsed
+        return result
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class StopFlag:
+    """Set by SIGTERM (preemption): the loop checkpoints and exits at the next step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def install(self) -> Any:
+        """Handle SIGTERM from now on; returns the previous handler (for :meth:`restore`)."""
+
+        def handler(signum: int, _frame: Any) -> None:
+            log.warning("signal %d: checkpointing and stopping after this step", signum)
+            self.requested = True
+
+        self._previous = signal.signal(signal.SIGTERM, handler)
+        return self._previous
+
+    def restore(self) -> None:
+        previous = getattr(self, "_previous", None)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class PreparedTraining:
+    trainer: LoraTrainer
+    resolution: int
+    mixed_precision: str
+    gradient_checkpointing: bool
+
+
+def build_trainer(model: LoadedModel, config: TrainConfig,
+                  pixels: torch.Tensor) -> PreparedTraining:
+    """Cache latents and embeddings, attach the LoRA and make the trainer.
+
+    ``pixels`` are the prepared photos ``[N, 3, H, W]`` in [-1, 1] at the
+    training resolution. Order matters: class images are drawn by the base
+    model before any LoRA exists, and the frozen encoders leave the GPU
+    before the UNet's activations need the room.
+    """
+    from .encode import (
+        encode_images,
+        encode_prompts,
+        generate_class_latents,
+        offload_frozen_encoders,
+        sdxl_time_ids,
+        tokenize,
+    )
+    from .models import (
+        add_lora,
+        enable_gradient_checkpointing,
+        resolve_precision,
+        want_gradient_checkpointing,
+    )
+
+    resolution = int(pixels.shape[-1])
+    mixed_precision, _ = resolve_precision(config.mixed_precision, model.device)
+    instance = encode_images(model, pixels, flip=config.random_flip)
+    class_latents = class_tokens = class_embeds = None
+    if config.prior_preservation:
+        class_latents = generate_class_latents(
+            model, config.class_prompt, config.num_class_images, resolution,
+            steps=config.sample_steps, guidance_scale=config.guidance_scale, seed=config.seed,
+        )
+        class_tokens = [t for t in tokenize(model, [config.class_prompt])]
+        class_embeds = None if config.train_text_encoder else encode_prompts(
+            model, [config.class_prompt])
+    instance_tokens = tokenize(model, [config.instance_prompt])
+    instance_embeds = None if config.train_text_encoder else encode_prompts(
+        model, [config.instance_prompt])
+    offload_frozen_encoders(model, keep_text_encoders=config.train_text_encoder)
+    params = add_lora(model, config)
+    checkpointing = want_gradient_checkpointing(model, config)
+    if checkpointing:
+        enable_gradient_checkpointing(model, config)
+    if config.compile_unet:
+        # In place: parameter names (and so checkpoints and exports) stay the same.
+        model.unet.compile()
+    data = TrainingData(
+        instance=instance,
+        instance_tokens=instance_tokens,
+        instance_embeds=instance_embeds,
+        class_latents=class_latents,
+        class_tokens=class_tokens,
+        class_embeds=class_embeds,
+        time_ids=sdxl_time_ids(resolution, model.device) if model.kind == SDXL else None,
+    )
+    trainer = LoraTrainer(model, config, data, params, mixed_precision)
+    log.info(
+        "training %s LoRA: %d photos (%d with flips), %d px, batch %d, %s, "
+        "gradient checkpointing %s, prior preservation %s",
+        model.kind, pixels.shape[0], len(instance), resolution, config.train_batch_size,
+        mixed_precision, "on" if checkpointing else "off",
+        "on" if class_latents is not None else "off",
+    )
+    return PreparedTraining(trainer, resolution, mixed_precision, checkpointing)
