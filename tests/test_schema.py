@@ -32,6 +32,8 @@ def test_every_status_has_transitions_and_a_model_status() -> None:
         (JobStatus.FAILED, JobStatus.QUEUED),  # admin re-dispatch
         (JobStatus.TRAINING, JobStatus.TRAINING),  # progress updates
         (JobStatus.DISPATCHED, JobStatus.COMPLETED),  # the trainer's word wins
+        (JobStatus.QUEUED, JobStatus.COMPLETED),  # ... even after a stale-heartbeat retry
+        (JobStatus.FAILED, JobStatus.COMPLETED),
     ],
 )
 def test_allowed_transitions(current: str | None, new: str) -> None:
@@ -49,7 +51,7 @@ def test_allowed_transitions(current: str | None, new: str) -> None:
         (JobStatus.CANCELLED, JobStatus.QUEUED),
         (JobStatus.FAILED, JobStatus.TRAINING),
         (JobStatus.PENDING, JobStatus.TRAINING),
-        (JobStatus.QUEUED, JobStatus.COMPLETED),
+        (JobStatus.PENDING, JobStatus.COMPLETED),
         (JobStatus.QUEUED, "bogus"),
         ("bogus", JobStatus.QUEUED),
     ],

@@ -78,9 +78,11 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedI
             rgb = _to_rgb(oriented)
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError as err:  # type: ignore[attr-defined]
+    except Image.DecompressionBombError:  # type: ignore[attr-defined]
+        # Pillow refuses far-over-limit images inside open(), before we see the size.
         raise ImageDecodeError(
-            f"The photo is too large to decode safely ({err}); upload a smaller photo."
+            f"The photo has far more than {max_pixels / 1e6:.0f} megapixels and cannot be "
+            "decoded safely; upload a smaller photo."
         ) from None
     except Image.UnidentifiedImageError:  # type: ignore[attr-defined]
         raise ImageDecodeError(

@@ -112,7 +112,13 @@ def decide(
             + (f" ({executor_job.error})" if executor_job.error else ""),
         )
     if state.is_failure:
-        error = executor_job.error or f"the executor reported {executor_job.raw_state or state}"
+        # The trainer records why it crashed on the job before exiting non-zero;
+        # that says more than the executor's "exited with status 1".
+        error = (
+            job.get(Field.ERROR)
+            or executor_job.error
+            or f"the executor reported {executor_job.raw_state or state}"
+        )
         return _failed_attempt(job, AttemptOutcome.EXECUTOR_FAILED, error)
     if state != ExecutorState.QUEUED:  # running (or unknown): the trainer must be alive
         reference = heartbeat_reference(job)

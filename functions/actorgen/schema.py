@@ -18,7 +18,8 @@ Job state machine (``training_jobs/{jobId}.status``)::
           any non-terminal --(cancelRequested)--> cancelled
 
 ``completed`` reported by the trainer always wins over anything the reconciler
-believes. ``rejected``, ``completed`` and ``cancelled`` are final; ``failed`` is
+believes: it is allowed from every non-final state that a dispatched attempt
+can find the job in (queued and failed included, after a stale-heartbeat retry). ``rejected``, ``completed`` and ``cancelled`` are final; ``failed`` is
 final unless an admin re-dispatches it.
 """
 
@@ -45,7 +46,7 @@ TRAINING_JOBS: Final = "training_jobs"
 class JobStatus:
     """Values of ``training_jobs/{jobId}.status``."""
 
-    PENDING = "pending"  # written by the app (or status absent): not yet taken in
+    PENDING = "pending"  # written by the app (rules require it): not yet taken in
     QUEUED = "queued"  # accepted by intake, waiting for a GPU slot
     DISPATCHING = "dispatching"  # claimed by a dispatcher under a lease, submit in flight
     DISPATCHED = "dispatched"  # executor job exists, trainer not started yet
@@ -82,7 +83,12 @@ TRAINER_STATUSES: Final = frozenset(
 # Allowed transitions. `completed` from any active state: the trainer's word wins.
 _TRANSITIONS: Final[dict[str, frozenset[str]]] = {
     JobStatus.PENDING: frozenset({JobStatus.QUEUED, JobStatus.REJECTED, JobStatus.CANCELLED}),
-    JobStatus.QUEUED: frozenset({JobStatus.DISPATCHING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    # `completed` is reachable even from queued/dispatching/failed: an attempt the
+    # reconciler gave up on (stale heartbeat) may still finish, and its result is
+    # worth keeping rather than paying for the GPU again.
+    JobStatus.QUEUED: frozenset(
+        {JobStatus.DISPATCHING, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.COMPLETED}
+    ),
     JobStatus.DISPATCHING: frozenset(
         {
             JobStatus.DISPATCHED,
@@ -90,6 +96,7 @@ _TRANSITIONS: Final[dict[str, frozenset[str]]] = {
             JobStatus.PREPARING,
             JobStatus.FAILED,
             JobStatus.CANCELLED,
+            JobStatus.COMPLETED,
         }
     ),
     JobStatus.DISPATCHED: frozenset(
@@ -131,7 +138,7 @@ _TRANSITIONS: Final[dict[str, frozenset[str]]] = {
             JobStatus.CANCELLED,
         }
     ),
-    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),  # admin re-dispatch only
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED, JobStatus.COMPLETED}),  # admin re-dispatch
     JobStatus.COMPLETED: frozenset(),
     JobStatus.REJECTED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
@@ -141,7 +148,7 @@ _TRANSITIONS: Final[dict[str, frozenset[str]]] = {
 def can_transition(current: str | None, new: str) -> bool:
     """True when a job may move from ``current`` to ``new``.
 
-    A missing status counts as ``pending`` (the app may omit it). Writing the
+    A missing status counts as ``pending`` (documents written by the Admin SDK may omit it). Writing the
     same status again (a heartbeat, progress) is always allowed for non-final
     states.
     """

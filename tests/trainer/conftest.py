@@ -15,7 +15,9 @@ import pytest
 # No test may reach the network for a model; the machines share two cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-TORCH_THREADS = 2
+# One thread: on two shared cores, a second OpenMP thread that waits for a busy core
+# made steps 10-25x slower (measured with other test suites running).
+TORCH_THREADS = 1
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -20,12 +20,12 @@ TRAINER_PATHS = (REPO_ROOT / "trainer_image", REPO_ROOT / "functions")
 
 
 def trainer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for ``python -m lora_trainer`` subprocesses (offline, 2 threads)."""
+    """Environment for ``python -m lora_trainer`` subprocesses (offline, 1 thread)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(p) for p in TRAINER_PATHS] + [env.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)
-    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"})
+    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     for secret in ("HF_TOKEN", "HF_TOKEN_SECRET"):
         env.pop(secret, None)
     env.update(extra or {})

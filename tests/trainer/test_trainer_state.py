@@ -13,7 +13,13 @@ import torch
 from actorgen import schema
 from lora_trainer import hub
 from lora_trainer.checkpoints import MARKER, STATE_FILE, CheckpointStore, step_dir
-from lora_trainer.errors import AlreadyCompleted, Cancelled, Superseded
+from lora_trainer.errors import (
+    AlreadyCompleted,
+    Cancelled,
+    DataError,
+    Superseded,
+    is_permanent,
+)
 from lora_trainer.reporting import FinishResult, JobReporter
 from lora_trainer.training import Progress
 
@@ -120,6 +126,26 @@ def test_finish_success_is_atomic_and_idempotent(emulators: Any, db: Any, bucket
         reporter.finish_success(result)
     assert len(job.actor(db)[F.MODEL_VERSIONS]) == 2  # type: ignore[index]
 
+    # Re-queued and re-dispatched by the reconciler (stale heartbeat) while this attempt
+    # was uploading: its finished model still wins.
+    requeued = seed_job(db, bucket, tmp_path, images=1)
+    late = JobReporter(db, requeued.job_id, 1)
+    late.start()
+    db.collection(schema.TRAINING_JOBS).document(requeued.job_id).update(
+        {F.STATUS: S.DISPATCHED, F.ATTEMPT: 2})
+    assert late.finish_success(result) == 1
+    assert requeued.job(db)[F.STATUS] == S.COMPLETED
+
+    # Cancelled meanwhile: the attempt may not complete it.
+    cancelled = seed_job(db, bucket, tmp_path, images=1)
+    gone = JobReporter(db, cancelled.job_id, 1)
+    gone.start()
+    db.collection(schema.TRAINING_JOBS).document(cancelled.job_id).update(
+        {F.STATUS: S.CANCELLED})
+    with pytest.raises(Superseded):
+        gone.finish_success(result)
+    assert cancelled.job(db)[F.STATUS] == S.CANCELLED
+
 
 def test_failure_keeps_actor_of_a_newer_job_untouched(emulators: Any, db: Any, bucket: Any,
                                                       tmp_path: Path) -> None:
@@ -192,3 +218,25 @@ def test_hub_token_only_from_the_environment(monkeypatch: pytest.MonkeyPatch,
     assert repo is None and "HF_HUB_OFFLINE" in (error or "")
     assert "hf_secret" not in (error or "")
     assert os.environ[hub.ENV_TOKEN]  # the token is read, never written anywhere
+
+
+def test_retryable_errors_leave_the_job_to_the_reconciler(emulators: Any, db: Any, bucket: Any,
+                                                          tmp_path: Path) -> None:
+    job = seed_job(db, bucket, tmp_path, images=1)
+    reporter = JobReporter(db, job.job_id, 1)
+    reporter.start()
+    message = "internal trainer error: ConnectionError: connection reset"
+    assert reporter.record_attempt_error(message)
+    doc = job.job(db)
+    assert doc[F.STATUS] == S.PREPARING and doc[F.ERROR] == message
+    # Once the job is final, nothing is written (and nothing raises).
+    db.collection(schema.TRAINING_JOBS).document(job.job_id).update({F.STATUS: S.CANCELLED})
+    assert not reporter.record_attempt_error("late")
+    assert job.job(db)[F.ERROR] == message
+
+
+def test_only_problems_a_retry_cannot_fix_are_permanent() -> None:
+    assert is_permanent(DataError("the photo 'x.jpg' cannot be used"))
+    assert is_permanent(OSError(28, "No space left on device"))
+    assert not is_permanent(ConnectionError("reset by peer"))
+    assert not is_permanent(RuntimeError("CUDA error: an illegal memory access"))

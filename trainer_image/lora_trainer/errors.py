@@ -88,3 +88,19 @@ def _disk_full(exc: BaseException) -> BaseException | None:
             return current
         current = current.__cause__ or current.__context__
     return None
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True when running the same job again would fail the same way.
+
+    Bad photos, an unloadable base model, a full disk and GPU memory are
+    problems of the job or of the configuration: the job ends ``failed`` at
+    once. Anything else (a network error, a crash) may pass, so the attempt
+    fails and the reconciler retries it within the job's attempt budget.
+    """
+    try:
+        if isinstance(exc, (TrainerError, KeyboardInterrupt)):
+            return True
+        return _disk_full(exc) is not None or type(exc).__name__ == "OutOfMemoryError"
+    except Exception:  # noqa: BLE001 - the error path must not fail
+        return True

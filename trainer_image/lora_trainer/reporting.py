@@ -82,13 +82,13 @@ class JobReporter:
     def _actor_ref(self, actor_id: str) -> Any:
         return self.db.collection(schema.ACTORS).document(actor_id)
 
-    def _read_job(self, transaction: Any) -> dict[str, Any]:
+    def _read_job(self, transaction: Any, *, any_attempt: bool = False) -> dict[str, Any]:
         snap = self.job_ref.get(transaction=transaction)
         if not snap.exists:
             raise JobNotFound(f"the training job {self.job_id!r} does not exist")
         job = snap.to_dict() or {}
         current = job.get(F.ATTEMPT)
-        if current is not None and int(current) != self.attempt:
+        if not any_attempt and current is not None and int(current) != self.attempt:
             raise Superseded(f"attempt {current} owns the job now (this is attempt {self.attempt})")
         return job
 
@@ -217,11 +217,15 @@ class JobReporter:
 
         @_transactional
         def txn(transaction: Any) -> int:
-            job = self._read_job(transaction)
+            # A finished model wins even if the reconciler gave up on this attempt
+            # and re-queued (or re-dispatched) the job meanwhile: the GPU time is spent.
+            job = self._read_job(transaction, any_attempt=True)
             status = job.get(F.STATUS)
             if status == S.COMPLETED:
                 raise AlreadyCompleted("the job is already completed")
-            schema.check_transition(status, S.COMPLETED)
+            if not schema.can_transition(status, S.COMPLETED):
+                # cancelled (or rejected) meanwhile: not ours to finish.
+                raise Superseded(f"the job is {status!r}; this attempt may not complete it")
             actor_id = str(job.get(F.ACTOR_ID))
             actor_ref = self._actor_ref(actor_id)
             actor_snap = actor_ref.get(transaction=transaction)
@@ -285,6 +289,29 @@ class JobReporter:
             return self._finish_unsafe(S.FAILED, message)
         except Exception as err:  # noqa: BLE001 - called from error handlers
             log.error("could not record the failure on the job: %s", err)
+            return False
+
+    def record_attempt_error(self, message: str) -> bool:
+        """Write ``message`` to the job's ``error`` but leave its status. Never raises.
+
+        For failures a retry may cure (a network error, a crash): the trainer
+        exits non-zero, the executor reports the attempt failed, and the
+        reconciler re-queues the job with this message in its history, or
+        fails it with this message once the attempts are spent.
+        """
+        try:
+
+            @_transactional
+            def txn(transaction: Any) -> bool:
+                job = self._read_job(transaction)
+                if job.get(F.STATUS) not in schema.ACTIVE_JOB_STATUSES:
+                    return False
+                transaction.update(self.job_ref, {F.ERROR: message, F.UPDATED_AT: _server_time()})
+                return True
+
+            return bool(txn(self.db.transaction()))
+        except Exception as err:  # noqa: BLE001 - called from error handlers
+            log.error("could not record the attempt's error on the job: %s", err)
             return False
 
     def finish_cancelled(self) -> bool:

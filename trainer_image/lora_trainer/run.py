@@ -28,6 +28,7 @@ from .errors import (
     Preempted,
     Superseded,
     describe,
+    is_permanent,
 )
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,10 @@ def run_job(options: RunOptions) -> int:
         message = describe(err)
         log.exception("training failed: %s", message)
         if reporter is not None:
-            reporter.finish_failure(message)
+            if is_permanent(err):  # a retry would fail the same way: end the job now
+                reporter.finish_failure(message)
+            else:  # the reconciler retries the attempt, keeping this message
+                reporter.record_attempt_error(message)
         if isinstance(err, KeyboardInterrupt):
             raise
         return EXIT_FAILED

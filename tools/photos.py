@@ -1,0 +1,214 @@
+"""Sample photos built from scikit-image's sample images: no files, no downloads.
+
+``skimage.data.astronaut()`` is a real portrait whose one face OpenCV's bundled
+frontal-face cascade finds. Distinct valid photos paste that head and shoulders,
+at different scales and places, onto different sample backgrounds (none of which
+has a face the cascade finds). Used by the local demo (``tools.demo``) and, through
+``tests.photos``, by the functions tests, the end-to-end test and the trainer tests.
+
+Every builder is deterministic and returns a PIL image or encoded bytes. Needs the
+dev venv (scikit-image, Pillow); nothing deployed imports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import struct
+import zlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = [
+    "BACKGROUNDS",
+    "HEAD_BOX",
+    "MAX_VALID_PHOTOS",
+    "PHOTO_SIZE",
+    "astronaut",
+    "background",
+    "compose",
+    "decompression_bomb",
+    "encode",
+    "head",
+    "heic",
+    "jpeg",
+    "no_face",
+    "portrait",
+    "small_face",
+    "text_as_jpg",
+    "too_small",
+    "truncated",
+    "two_people",
+    "with_exif_rotation",
+]
+
+#: Sample images without a detectable face, used as backdrops.
+BACKGROUNDS = (
+    "coffee",
+    "rocket",
+    "camera",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "colorwheel",
+    "chelsea",  # the cat's face is not a (frontal human) face to the cascade
+)
+#: Head-and-shoulders box of the astronaut (left, top, right, bottom); her face is
+#: at about (177, 66, 95, 95) in the 512x512 original.
+HEAD_BOX = (110, 0, 350, 260)
+#: Size of a valid photo: short side above the default 512-pixel minimum.
+PHOTO_SIZE = (768, 640)
+#: (background index, head scale, head centre as fractions of the photo) of each
+#: distinct valid photo. Scales keep the face well above the minimum face size.
+_LAYOUTS = (
+    (0, 1.6, (0.50, 0.45)),
+    (1, 1.4, (0.30, 0.50)),
+    (2, 1.8, (0.65, 0.50)),
+    (3, 1.5, (0.40, 0.55)),
+    (4, 1.7, (0.60, 0.45)),
+    (5, 1.5, (0.35, 0.45)),
+    (6, 1.6, (0.55, 0.55)),
+    (7, 1.4, (0.70, 0.50)),
+)
+MAX_VALID_PHOTOS = len(_LAYOUTS)
+
+
+@functools.cache
+def _sample(name: str) -> Image.Image:
+    from PIL import Image
+    from skimage import data
+
+    pixels = getattr(data, name)()
+    image = Image.fromarray(pixels)
+    return image.convert("RGB")
+
+
+def astronaut() -> Image.Image:
+    """The original 512x512 portrait (one face; exactly the minimum short side)."""
+    return _sample("astronaut").copy()
+
+
+def head() -> Image.Image:
+    """The astronaut's head and shoulders (240x260)."""
+    return _sample("astronaut").crop(HEAD_BOX)
+
+
+def background(name: str, size: tuple[int, int] = PHOTO_SIZE) -> Image.Image:
+    """A face-free sample image stretched to ``size``."""
+    from PIL import Image
+
+    return _sample(name).resize(size, Image.Resampling.BICUBIC)
+
+
+def compose(
+    backdrop: str,
+    heads: list[tuple[float, tuple[float, float]]],
+    size: tuple[int, int] = PHOTO_SIZE,
+) -> Image.Image:
+    """``backdrop`` with the head pasted once per (scale, (cx, cy)) entry."""
+    from PIL import Image
+
+    canvas = background(backdrop, size)
+    for scale, (cx, cy) in heads:
+        piece = head()
+        piece = piece.resize(
+            (round(piece.width * scale), round(piece.height * scale)), Image.Resampling.LANCZOS
+        )
+        left = round(cx * size[0] - piece.width / 2)
+        top = round(cy * size[1] - piece.height / 2)
+        canvas.paste(piece, (left, top))
+    return canvas
+
+
+def portrait(index: int = 0) -> Image.Image:
+    """Distinct valid photo number ``index`` (0 .. MAX_VALID_PHOTOS-1)."""
+    bg, scale, centre = _LAYOUTS[index]
+    return compose(BACKGROUNDS[bg], [(scale, centre)])
+
+
+def two_people() -> Image.Image:
+    """Two faces of similar size side by side."""
+    return compose("coffee", [(1.3, (0.27, 0.5)), (1.3, (0.73, 0.5))], size=(1024, 640))
+
+
+def no_face() -> Image.Image:
+    """A coffee cup, no person."""
+    return background("coffee")
+
+
+def small_face() -> Image.Image:
+    """One face, far too small for training (a distant person)."""
+    return compose("coffee", [(0.8, (0.5, 0.5))], size=(1600, 1200))
+
+
+def too_small() -> Image.Image:
+    """One clear face but only 320x240 pixels."""
+    from PIL import Image
+
+    return portrait(0).resize((320, 267), Image.Resampling.LANCZOS)
+
+
+# --------------------------------------------------------------------------- encodings
+def encode(image: Image.Image, fmt: str = "JPEG", **options: object) -> bytes:
+    """``image`` saved as ``fmt`` (JPEG quality 92 unless given)."""
+    if fmt == "JPEG":
+        options.setdefault("quality", 92)
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def jpeg(image: Image.Image, quality: int = 92) -> bytes:
+    """``image`` as JPEG bytes."""
+    return encode(image, "JPEG", quality=quality)
+
+
+def heic(image: Image.Image) -> bytes:
+    """``image`` as HEIC, the way phones save photos (needs pillow-heif)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    return encode(image, "HEIF", quality=85)
+
+
+def with_exif_rotation(image: Image.Image, fmt: str = "PNG") -> bytes:
+    """Pixels stored on their side plus EXIF Orientation=6, as a phone held upright saves them.
+
+    Decoded without EXIF the face lies sideways (the cascade misses it); with the
+    orientation applied it is ``image`` again.
+    """
+    from PIL import Image
+
+    stored = image.transpose(Image.Transpose.ROTATE_90)  # 90 deg counter-clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    return encode(stored, fmt, exif=exif.tobytes())
+
+
+def truncated(data: bytes, keep: float = 0.5) -> bytes:
+    """The first part of an encoded file, as an interrupted upload leaves it."""
+    return data[: max(1, int(len(data) * keep))]
+
+
+def decompression_bomb(width: int = 40_000, height: int = 40_000) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (1.6 gigapixels)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    rows = zlib.compress(b"\0" * (width + 1) * 4)  # a few rows; the rest is "missing"
+    signature = b"\x89PNG\r\n\x1a\n"
+    return signature + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def text_as_jpg() -> bytes:
+    """Not an image at all, but would be uploaded as notes.jpg."""
+    return b"These are my notes, not a photo.\n" * 40
