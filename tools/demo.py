@@ -45,6 +45,7 @@ from tools.emulators import EmulatorSuite, start_emulators
 local_pipeline.add_source_paths()
 from actorgen import schema  # noqa: E402  (functions/ is on sys.path only now)
 from actorgen.schema import (  # noqa: E402
+    AttemptField,
     Field,
     ImageField,
     ImageStatus,
@@ -61,18 +62,20 @@ OUTPUT_DIR = REPO_ROOT / ".local" / "demo-output"
 DEMO_USER = "demo-user"
 DEMO_ACTOR = "demo-actor"
 INSTANCE_NAME = "ohwx"
-VALID_PHOTOS = 5  # the functions' MIN_IMAGES default
 BATCH_SIZE = 1
 LEARNING_RATE = 1e-4
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".bmp", ".tif",
                             ".tiff", ".gif"})
 
-VERDICT_TIMEOUT_S = 240.0  # plus a few seconds per photo
+#: A verdict whose trigger failed is retried by the every-minute sweep this long after the
+#: upload (the SWEEP_AFTER_SECONDS param), so wait for that and two scheduler ticks.
+VERDICT_SLACK_S = 180.0  # plus a few seconds per photo
 SCHEDULER_PERIOD_S = 60.0  # Cloud Scheduler runs dispatch_jobs every minute; the emulator doesn't
 TRAINER_EXIT_WAIT_S = 30.0  # after its final write, a trainer tidies up before exiting
 POLL_EVERY_S = 5.0  # a read now and then, in case the snapshot stream stalls
-TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.REJECTED,
-                      JobStatus.CANCELLED})
+#: Where the demo stops watching: the final statuses, and `failed` (the attempts are used up;
+#: only an admin re-dispatch would move it on).
+TERMINAL = schema.FINAL_JOB_STATUSES | {JobStatus.FAILED}
 
 
 # --------------------------------------------------------------------------- output
@@ -151,13 +154,20 @@ class Photo:
 
 
 def embedded_photos() -> list[Photo]:
-    """Five distinct valid portraits and one photo without a face (to show a rejection)."""
+    """As many valid portraits as training needs (MIN_IMAGES) and one without a face."""
     from tools import photos
 
     out = [Photo(f"IMG_{i + 1:04d}.jpg", photos.jpeg(photos.portrait(i)), "image/jpeg")
-           for i in range(VALID_PHOTOS)]
+           for i in range(valid_photo_count())]
     out.append(Photo("coffee-cup.jpg", photos.jpeg(photos.no_face()), "image/jpeg"))
     return out
+
+
+def valid_photo_count() -> int:
+    """The functions' default MIN_IMAGES: the fewest accepted photos a job needs."""
+    from actorgen import config
+
+    return int(config.MIN_IMAGES.default)
 
 
 def photos_from_dir(folder: Path) -> list[Photo]:
@@ -219,6 +229,7 @@ class Scheduler(threading.Thread):
         super().__init__(name="demo-scheduler", daemon=True)
         self.suite = suite
         self.period = period
+        self.verbose = True  # say each run (off while the emulators are just kept up)
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -234,7 +245,7 @@ class Scheduler(threading.Thread):
                 if not self.stopped.is_set():
                     say(f"scheduler: dispatch_jobs failed: {exc}")
             else:
-                if not self.stopped.is_set():
+                if self.verbose and not self.stopped.is_set():
                     say("scheduler: ran dispatch_jobs (sweep, reconcile, dispatch)")
 
     def stop(self) -> None:
@@ -258,8 +269,9 @@ class Demo:
     """The app's side of the pipeline, against one running emulator suite."""
 
     def __init__(self, suite: EmulatorSuite, photos: Sequence[Photo], base_model: Path,
-                 steps: int, timeout: float, work_dir: Path) -> None:
+                 steps: int, timeout: float, work_dir: Path, sweep_after: float) -> None:
         self.suite = suite
+        self.sweep_after = sweep_after
         self.photos = list(photos)
         self.base_model = base_model
         self.steps = steps
@@ -276,6 +288,7 @@ class Demo:
 
     # -- the app --------------------------------------------------------------
     def run(self) -> DemoResult:
+        """Actor, uploads, verdicts, job, and the job followed to its end."""
         from google.cloud import firestore
 
         paths = [schema.upload_path(self.uid, self.actor_id, p.name) for p in self.photos]
@@ -315,21 +328,31 @@ class Demo:
     def _wait_for_verdicts(self, count: int) -> dict[str, dict[str, Any]]:
         watch = DocWatch(self.actor_ref)
         seen: set[str] = set()
-        deadline = time.monotonic() + VERDICT_TIMEOUT_S + 5 * count
+        started = time.monotonic()
+        limit = self.sweep_after + 2 * SCHEDULER_PERIOD_S + VERDICT_SLACK_S + 5 * count
+        hinted = False
         try:
             while True:
                 images = (watch.next(1.0) or {}).get(Field.IMAGES) or {}
-                for key, record in sorted(images.items(), key=lambda kv: str(kv[1])):
-                    if key in seen or not isinstance(record, dict):
+                records = {k: v for k, v in images.items() if isinstance(v, dict)}
+                for key, record in sorted(records.items(),
+                                          key=lambda kv: str(kv[1].get(ImageField.FILE_NAME))):
+                    if key in seen:
                         continue
                     seen.add(key)
                     say("photo " + describe_verdict(record))
                 if len(images) >= count:
                     return images
-                if time.monotonic() > deadline:
+                waited = time.monotonic() - started
+                if waited > 90 and not hinted:
+                    hinted = True
+                    say(f"still waiting for {count - len(images)} verdicts; an upload whose "
+                        f"trigger failed is judged by the sweep {self.sweep_after:.0f}s after it "
+                        f"arrived (emulator log: {rel(self.suite.log_path)})")
+                if waited > limit:
                     raise DemoError(
-                        f"only {len(images)} of {count} photos were judged after "
-                        f"{VERDICT_TIMEOUT_S:.0f}s; see the emulator log {rel(self.suite.log_path)}"
+                        f"only {len(images)} of {count} photos were judged after {limit:.0f}s; "
+                        f"see the emulator log {rel(self.suite.log_path)}"
                     )
         finally:
             watch.close()
@@ -337,8 +360,6 @@ class Demo:
     # -- watching the job ---------------------------------------------------------
     def _follow_job(self) -> None:
         watch = DocWatch(self.job_ref)
-        scheduler = Scheduler(self.suite)
-        scheduler.start()
         bar = ProgressBar(
             total=100, file=sys.stdout, dynamic_ncols=True, mininterval=0.2,
             nrows=shutil.get_terminal_size().lines,  # a pty reporting 0 rows would hide it
@@ -378,7 +399,6 @@ class Demo:
                     return
         finally:
             bar.close()
-            scheduler.stop()
             watch.close()
 
     # -- results ------------------------------------------------------------------
@@ -398,11 +418,12 @@ class Demo:
         return target
 
     def trainer_log(self, attempt: int | None) -> Path | None:
-        from actorgen.executors.local import job_dir_name
+        from actorgen.executors.local import LOG_FILE, job_dir_name
 
         if not attempt:
             return None
-        path = self.work_dir / "executor" / job_dir_name(self.job_id, int(attempt)) / "stdout.log"
+        folder = local_pipeline.executor_dir(self.work_dir) / job_dir_name(self.job_id, int(attempt))
+        path = folder / LOG_FILE
         return path if path.exists() else None
 
 
@@ -412,11 +433,16 @@ class DemoError(RuntimeError):
 
 # --------------------------------------------------------------------------- text
 def describe_verdict(record: Mapping[str, Any]) -> str:
+    """One photo's verdict: accepted (format, size, face) or rejected with its reason."""
+    from actorgen.faces import FaceBox
+
     name = record.get(ImageField.FILE_NAME) or record.get(ImageField.PATH)
     if record.get(ImageField.STATUS) == ImageStatus.ACCEPTED:
         size = f"{record.get(ImageField.WIDTH)}x{record.get(ImageField.HEIGHT)}"
-        face = record.get(ImageField.FACE) or {}
-        face_text = f", face {face.get('w')}x{face.get('h')} px" if face else ""
+        face_text = ""
+        with contextlib.suppress(TypeError):  # the record's face is a FaceBox.as_dict()
+            face = FaceBox(**(record.get(ImageField.FACE) or {}))
+            face_text = f", face {face.w}x{face.h} px"
         return f"{name}: accepted ({record.get(ImageField.FORMAT)} {size}{face_text})"
     code = record.get(ImageField.REASON_CODE)
     return f"{name}: REJECTED [{code}] {record.get(ImageField.REASON)}"
@@ -441,7 +467,8 @@ def describe_status(job: Mapping[str, Any]) -> str:
     history = job.get(Field.ATTEMPT_HISTORY) or []
     if status == JobStatus.QUEUED and history:
         last = history[-1]
-        text += f"; previous attempt ended: {last.get('outcome')}: {last.get('error')}"
+        text += (f"; previous attempt ended: {last.get(AttemptField.OUTCOME)}: "
+                 f"{last.get(AttemptField.ERROR)}")
     return f"job {status.upper()}{attempts}: {text}"
 
 
@@ -487,7 +514,8 @@ def print_summary(demo: Demo, result: DemoResult, output: Path | None) -> None:
         (Field.ATTEMPT, job.get(Field.ATTEMPT)),
         (Field.EXECUTOR, job.get(Field.EXECUTOR)),
         (Field.EXECUTOR_JOB_NAME, job.get(Field.EXECUTOR_JOB_NAME)),
-        (Field.STEP, f"{job.get(Field.STEP)}/{job.get(Field.TOTAL_STEPS)}"),
+        (Field.STEP, f"{job.get(Field.STEP)}/{job[Field.TOTAL_STEPS]}"
+                     if job.get(Field.TOTAL_STEPS) else None),
         (Field.LOSS, job.get(Field.LOSS)),
     ]
     for name, value in rows:
@@ -534,12 +562,17 @@ def print_summary(demo: Demo, result: DemoResult, output: Path | None) -> None:
         print(f"  {name:<24} {seconds:7.1f}")
 
 
-def keep_running(suite: EmulatorSuite) -> None:
+def keep_running(demo: Demo) -> None:
     """Leave the emulators up until Ctrl-C, saying how to reach them."""
-    heading("Emulators still running (Ctrl-C stops them)")
+    suite = demo.suite
+    heading("Emulators still running (Ctrl-C stops them; dispatch_jobs still runs every minute)")
     for name, host in sorted(suite.hosts.items()):
         print(f"  {name:<10} http://{host}")
     print(f"  log        {rel(suite.log_path)}")
+    documents = f"{suite.url('firestore')}/v1/projects/{suite.project}/databases/(default)/documents"
+    print(f"  actor      {documents}/{schema.ACTORS}/{demo.actor_id}")
+    print(f"  job        {documents}/{schema.TRAINING_JOBS}/{demo.job_id}")
+    print("             (REST; add the header 'Authorization: Bearer owner' to bypass the rules)")
     print("  For a client in another shell:")
     for key, value in suite.env.items():
         print(f"    export {key}={shlex.quote(value)}")
@@ -614,6 +647,14 @@ def quiet_hf_libraries() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def sweep_after_seconds(env: Mapping[str, str]) -> float:
+    """The SWEEP_AFTER_SECONDS param the functions run with (``--env`` or its default)."""
+    from actorgen import config
+
+    name = config.SWEEP_AFTER_SECONDS.name
+    return float(env.get(name) or config.SWEEP_AFTER_SECONDS.default)
+
+
 def new_run_dir() -> Path:
     """A fresh folder for this run's executor and trainer files; old runs are pruned."""
     RUNS_DIR.mkdir(parents=True, exist_ok=True)
@@ -676,8 +717,8 @@ def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
     if not photos:
         raise DemoError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.photos}")
     say(f"{len(photos)} photos " + (f"from {args.photos}" if args.photos else
-                                     f"built from scikit-image's astronaut ({VALID_PHOTOS} "
-                                     "valid, 1 without a face)"))
+                                     f"built from scikit-image's astronaut "
+                                     f"({len(photos) - 1} valid, 1 without a face)"))
 
     started = time.monotonic()
     if not (local_pipeline.TINY_MODEL_CACHE / ".actorgen-model").is_file():
@@ -698,23 +739,28 @@ def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
     say(f"starting the emulators ({', '.join(EMULATORS)}) with EXECUTOR={env['EXECUTOR']}")
     result: DemoResult | None = None
     with start_emulators(only=EMULATORS, extra_env=env) as suite:
+        scheduler = Scheduler(suite)
+        scheduler.start()
         try:
             say(f"emulators up in {suite.start_seconds:.1f}s (log {rel(suite.log_path)})")
             emulators_up = CLOCK.elapsed()
-            demo = Demo(suite, photos, model, args.steps, args.timeout, run_dir)
+            demo = Demo(suite, photos, model, args.steps, args.timeout, run_dir,
+                        sweep_after=sweep_after_seconds(env))
             result = demo.run()
             result.timings = {"base model ready": model_ready, "emulators up": emulators_up,
                               **result.timings, "finished": CLOCK.elapsed()}
-            if result.status != JobStatus.COMPLETED:
-                say(f"job {str(result.status).upper()}: {result.error}")
+            if result.status not in TERMINAL:  # timed out (a final status was said already)
+                say(f"giving up: {result.error}")
             print_summary(demo, result, None if args.no_download else args.output)
             if args.keep_running:
-                keep_running(suite)
+                scheduler.verbose = False
+                keep_running(demo)
         finally:
+            scheduler.stop()
             ended = result is not None and result.status in TERMINAL
             wait = 0.0 if interrupts.interrupted or not ended else TRAINER_EXIT_WAIT_S
             interrupts.cleaning = True
-            stop_trainers(run_dir / "executor", wait)
+            stop_trainers(local_pipeline.executor_dir(run_dir), wait)
             say("stopping the emulators")
     say(f"done in {CLOCK.elapsed():.1f}s: job {result.status if result else '?'}")
     return 0 if result is not None and result.status == JobStatus.COMPLETED else 1

@@ -70,6 +70,11 @@ def cached_tiny_base_model(folder: Path = TINY_MODEL_CACHE) -> tuple[Path, bool]
     return folder, True
 
 
+def executor_dir(work_dir: Path) -> Path:
+    """The LocalExecutor's folder (LOCAL_WORKDIR) inside a run's ``work_dir``."""
+    return work_dir / "executor"
+
+
 def local_functions_env(
     base_model: Path, work_dir: Path, trainer_python: str | Path | None = None
 ) -> dict[str, str]:
@@ -85,7 +90,7 @@ def local_functions_env(
     return {
         "EXECUTOR": "local",
         "LOCAL_TRAINER_PYTHON": str(trainer_python),
-        "LOCAL_WORKDIR": str(work_dir / "executor"),
+        "LOCAL_WORKDIR": str(executor_dir(work_dir)),
         "ALLOWED_BASE_MODELS": f"{base_model},{ALLOWED_HUB_MODEL}",
         # Passed on to the trainer process by the LocalExecutor (HF_*, ACTORGEN_*, OMP_*).
         "HF_HUB_OFFLINE": "1",

@@ -61,6 +61,7 @@ def run_one(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
         gradient_checkpointing=args.gradient_checkpointing, compile_unet=args.compile,
         prior_preservation=args.prior, num_class_images=4, sample_steps=2,
         train_text_encoder=args.train_text_encoder, seed=args.seed,
+        max_grad_norm=args.max_grad_norm,
     )
     _, weight_dtype = models.resolve_precision(config.mixed_precision, device)
     model = models.prepare_pipeline(pipeline, info, device, weight_dtype)
@@ -87,6 +88,8 @@ def run_one(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
     steady_s = time.perf_counter() - t0
     samples = args.steps * trainer.samples_per_step
     sps = samples / steady_s
+    if args.profile:
+        _profile(trainer, args.warmup + args.steps, device)
     out: dict[str, Any] = {
         "model": model_name,
         "size": args.size,
@@ -126,6 +129,28 @@ def run_one(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _profile(trainer: Any, done_steps: int, device: torch.device, steps: int = 5) -> None:
+    """Print where a few steady-state steps spend GPU time, and how busy the GPU is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        trainer.run(done_steps + steps, report_every_seconds=math.inf, progress_bar=False)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    print(f"profile: {steps} steps in {wall * 1000:.0f} ms wall, GPU kernels busy "
+          f"{gpu_us / 1000:.0f} ms ({100 * gpu_us / 1e6 / wall:.0f}%)", file=sys.stderr)
+    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60),
+          file=sys.stderr)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60),
+          file=sys.stderr)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="LoRA training throughput on full-size shapes.")
     p.add_argument("--model", default="sd15", help="sd15, sdxl or a comma list")
@@ -145,6 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 5 steps and print the top kernels")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     return p.parse_args(argv)
 
 
