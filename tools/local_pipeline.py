@@ -96,4 +96,6 @@ def local_functions_env(
         "HF_HUB_OFFLINE": "1",
         "ACTORGEN_WORK_DIR": str(work_dir / "trainer"),
         "OMP_NUM_THREADS": "2",
+        # Short sample renders and a small disk floor: a tiny model on a laptop.
+        "ACTORGEN_TRAINER_ARGS": "--sample-steps 8 --num-samples 2 --min-free-disk-mb 200",
     }

@@ -2,7 +2,9 @@
 
 The container's ENTRYPOINT, the LocalExecutor and the tests all start the
 trainer exactly like this. Job id, attempt, project and bucket fall back to
-the environment variables named in ``actorgen.schema``.
+the environment variables named in ``actorgen.schema``; ``ACTORGEN_TRAINER_ARGS``
+adds operator defaults for any other option (e.g. ``--sample-steps 10`` for a
+local demo, or ``--compile`` on a Vertex deployment) that the command line overrides.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -66,8 +69,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: Extra command-line options from the environment, placed before the real ones.
+ENV_TRAINER_ARGS = "ACTORGEN_TRAINER_ARGS"
+
+
+def with_env_defaults(argv: list[str]) -> list[str]:
+    """``argv`` behind the options of ``ACTORGEN_TRAINER_ARGS`` (the later option wins)."""
+    return shlex.split(os.environ.get(ENV_TRAINER_ARGS, "")) + list(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(with_env_defaults(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
