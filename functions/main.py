@@ -41,6 +41,18 @@ def validate_upload(event: storage_fn.CloudEvent[storage_fn.StorageObjectData]) 
     uploads.handle_upload(uploads.UploadEvent.from_storage_data(event.data), config.load_settings())
 
 
+@storage_fn.on_object_deleted(
+    bucket=params.STORAGE_BUCKET,
+    region=REGION,
+    memory=MemoryOption.MB_256,  # one transaction, no image decoding
+    timeout_sec=60,
+    max_instances=10,
+)
+def forget_deleted_upload(event: storage_fn.CloudEvent[storage_fn.StorageObjectData]) -> None:
+    """Remove a deleted (or overwritten) photo's verdict from its actor and recount."""
+    uploads.handle_deleted(uploads.UploadEvent.from_storage_data(event.data), config.load_settings())
+
+
 @firestore_fn.on_document_created(
     document=JOB_DOCUMENT,
     region=REGION,

@@ -7,7 +7,7 @@ the trainer uses the same boxes to crop around the face.
 
 from __future__ import annotations
 
-import functools
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,13 +40,20 @@ class FaceBox:
         return {"x": self.x, "y": self.y, "w": self.w, "h": self.h}
 
 
-@functools.lru_cache(maxsize=1)
-def _cascade() -> Any:
-    import cv2
+_per_thread = threading.local()
 
-    classifier = cv2.CascadeClassifier(cv2.data.haarcascades + CASCADE_FILE)
-    if classifier.empty():  # a broken OpenCV install must not look like "no face"
-        raise RuntimeError(f"OpenCV could not load its bundled {CASCADE_FILE}")
+
+def _cascade() -> Any:
+    # One classifier per thread: detectMultiScale on a shared CascadeClassifier is
+    # not thread-safe (concurrent calls returned phantom faces).
+    classifier = getattr(_per_thread, "classifier", None)
+    if classifier is None:
+        import cv2
+
+        classifier = cv2.CascadeClassifier(cv2.data.haarcascades + CASCADE_FILE)
+        if classifier.empty():  # a broken OpenCV install must not look like "no face"
+            raise RuntimeError(f"OpenCV could not load its bundled {CASCADE_FILE}")
+        _per_thread.classifier = classifier
     return classifier
 
 

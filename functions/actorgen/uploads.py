@@ -12,6 +12,10 @@ I/O: it reads the object, then writes ``actors/{actorId}.images.{imageId}`` and
 belongs to another user, are logged and nothing is written: the path names the
 uploader, and an actor that is not theirs must not be touched. (If the actor
 document is merely created after its photos, the sweeper validates them later.)
+
+:func:`handle_deleted` undoes it: when the owner deletes a photo (or an upload
+overwrites it), the verdict on that generation leaves the actor, so it no longer
+counts toward the limits and the trainer never looks for it.
 """
 
 from __future__ import annotations
@@ -321,6 +325,10 @@ class Outcome:
     GONE = "gone"
     ACCEPTED = ImageStatus.ACCEPTED
     REJECTED = ImageStatus.REJECTED
+    # handle_deleted
+    REMOVED = "removed"  # the deleted object's record is gone, the count recomputed
+    NO_RECORD = "no-record"  # nothing recorded for that name (redelivery, never judged)
+    KEPT = "kept"  # the record is of another (newer, or still live) generation
 
 
 def handle_upload(
@@ -390,6 +398,83 @@ def handle_upload(
     return outcome
 
 
+def handle_deleted(
+    event: UploadEvent,
+    settings: Settings,
+    *,
+    db: FirestoreClient | None = None,
+    bucket: Bucket | None = None,
+) -> str:
+    """Forget the verdict on a deleted (or overwritten) upload; returns an Outcome.
+
+    Storage sends a delete event for every generation that is removed, also
+    when a new upload overwrites an object. The record
+    ``actors/{actorId}.images.{imageId}`` is removed, and ``acceptedImageCount``
+    recounted, in one transaction when it is the verdict on the deleted
+    generation. A record of a newer generation (the re-upload's own verdict) is
+    kept. When either generation is unknown, or the record is of an older one,
+    the record goes only if no object of that name is live any more (a live one
+    gets or has its own verdict). Redelivery finds no record and writes nothing.
+    As for uploads, actors that do not exist or belong to someone else than the
+    uploader named by the path are never touched.
+    """
+    from google.cloud import firestore
+
+    from actorgen import clients
+
+    del settings  # no limit applies to forgetting a photo; kept for the trigger's signature
+    path = schema.parse_upload_path(event.name)
+    if path is None:
+        return Outcome.NOT_AN_UPLOAD
+    db = db or clients.firestore_client()
+    actor_ref = db.collection(schema.ACTORS).document(path.actor_id)
+    image_key = schema.image_id(event.name)
+    live: list[bool] = []  # whether an object of that name exists, asked at most once
+
+    def object_is_live() -> bool:
+        if not live:
+            nonlocal bucket
+            bucket = bucket or clients.storage_bucket(event.bucket)
+            live.append(bool(bucket.blob(event.name).exists()))
+        return live[0]
+
+    def forget(transaction: Any) -> str:
+        snapshot = actor_ref.get(transaction=transaction)
+        if not snapshot.exists:
+            return Outcome.NO_ACTOR
+        actor = snapshot.to_dict() or {}
+        if actor.get(Field.USER_ID) != path.uid:
+            return Outcome.FOREIGN_ACTOR
+        images = dict(actor.get(Field.IMAGES) or {})
+        record = images.get(image_key)
+        if not isinstance(record, dict):
+            return Outcome.NO_RECORD
+        seen = _to_int(record.get(ImageField.GENERATION))
+        deleted = event.generation
+        if seen is not None and deleted is not None and seen > deleted:
+            return Outcome.KEPT  # a late event of an older generation
+        if (seen is None or deleted is None or seen < deleted) and object_is_live():
+            return Outcome.KEPT  # not provably the deleted one, and the name is live
+        others = {k: v for k, v in images.items() if k != image_key and isinstance(v, dict)}
+        transaction.update(actor_ref, {
+            f"{Field.IMAGES}.{image_key}": firestore.DELETE_FIELD,
+            Field.ACCEPTED_IMAGE_COUNT: accepted_count(others),
+        })
+        return Outcome.REMOVED
+
+    outcome = run_in_transaction(db, forget)
+    if outcome == Outcome.REMOVED:
+        log.info("upload %s (generation %s) deleted: its verdict is removed", event.name,
+                 event.generation)
+    elif outcome in (Outcome.NO_ACTOR, Outcome.FOREIGN_ACTOR):
+        log.warning("deleted upload %s: actor %s %s; nothing changed", event.name,
+                    path.actor_id, "does not exist" if outcome == Outcome.NO_ACTOR
+                    else f"does not belong to uploader {path.uid}")
+    else:
+        log.info("deleted upload %s (generation %s): %s", event.name, event.generation, outcome)
+    return outcome
+
+
 def _precheck(snapshot: Any, uid: str, image_key: str, generation: int | None) -> str | None:
     """An Outcome when there is nothing to do for this upload, else None."""
     if not snapshot.exists:
@@ -429,9 +514,15 @@ def _download(bucket: Bucket, event: UploadEvent, size: int, policy: UploadPolic
     blob = bucket.blob(event.name, generation=event.generation)
     try:
         # One byte past the limit is enough to tell that the metadata lied about the size.
-        return blob.download_as_bytes(start=0, end=policy.max_bytes)
+        data = blob.download_as_bytes(start=0, end=policy.max_bytes)
     except gexc.NotFound:
         return None
+    # Cloud Storage answers 404 for a generation it no longer has; the Storage emulator
+    # ignores the generation and serves the live object, which says its own generation.
+    served = _to_int(blob.generation)
+    if event.generation is not None and served is not None and served != event.generation:
+        return None
+    return data
 
 
 def _log_skip(outcome: str, event: UploadEvent, path: schema.UploadPath) -> None:

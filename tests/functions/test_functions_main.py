@@ -43,9 +43,10 @@ def discovered() -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_declares_the_five_functions(discovered: dict) -> None:
+def test_declares_the_six_functions(discovered: dict) -> None:
     assert sorted(discovered["spec"]["endpoints"]) == [
-        "dispatch_jobs", "dispatchnow", "intake_job", "on_job_updated", "validate_upload"
+        "dispatch_jobs", "dispatchnow", "forget_deleted_upload", "intake_job", "on_job_updated",
+        "validate_upload",
     ]
 
 

@@ -26,7 +26,7 @@ def trainer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         [str(p) for p in TRAINER_PATHS] + [env.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)
     env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    for secret in ("HF_TOKEN", "HF_TOKEN_SECRET"):
+    for secret in ("HF_TOKEN", schema.ENV_HF_TOKEN_SECRET):
         env.pop(secret, None)
     env.update(extra or {})
     return env
@@ -60,8 +60,11 @@ def seed_job(db: Any, bucket: Any, base_model: Path | str, *, images: int = 4,
         data = photos.jpeg(photos.portrait(index))
         if index == corrupt_index:
             data = photos.truncated(data, keep=0.3)
-        bucket.blob(path).upload_from_string(data, content_type="image/jpeg")
-        records[schema.image_id(path)] = {IF.PATH: path, IF.STATUS: schema.ImageStatus.ACCEPTED}
+        blob = bucket.blob(path)
+        blob.upload_from_string(data, content_type="image/jpeg")
+        # As upload validation records it: the judged generation of the object.
+        records[schema.image_id(path)] = {IF.PATH: path, IF.STATUS: schema.ImageStatus.ACCEPTED,
+                                          IF.GENERATION: blob.generation}
         paths.append(path)
     # A rejected photo must be ignored by the trainer even though it exists.
     rejected = schema.upload_path(uid, actor_id, "blurry.jpg")

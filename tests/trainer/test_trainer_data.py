@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from actorgen import faces, schema
 from lora_trainer import data
 from lora_trainer.errors import DataError
 
 from tests import photos
+from tests.trainer.seed import seed_job
 
 IF = schema.ImageField
 
@@ -78,3 +82,47 @@ def test_tensor_range(face_pixels: object) -> None:
     assert isinstance(face_pixels, torch.Tensor)
     assert face_pixels.shape == (4, 3, 64, 64)
     assert -1.0 <= float(face_pixels.min()) and float(face_pixels.max()) <= 1.0
+
+
+def _refs(db: Any, job: Any) -> list[data.ImageRef]:
+    return data.accepted_images(job.actor(db))
+
+
+def test_photos_are_read_at_the_judged_generation(emulators: Any, db: Any, bucket: Any,
+                                                  tmp_path: Path) -> None:
+    job = seed_job(db, bucket, tmp_path, images=2)
+    refs = _refs(db, job)
+    assert all(ref.generation for ref in refs)
+    files = data.download_images(bucket, refs, tmp_path / "ok")
+    for ref, file in zip(refs, files, strict=True):
+        assert file.read_bytes() == bucket.blob(ref.path).download_as_bytes()
+
+
+@pytest.mark.parametrize("change", ["replaced", "deleted"])
+def test_a_photo_changed_since_its_check_is_a_data_error(
+        emulators: Any, db: Any, bucket: Any, tmp_path: Path, change: str) -> None:
+    """Never train on a different photo than the one judged (GCS answers 404 for a
+    generation that is gone; the emulator serves the live one, caught by its generation)."""
+    job = seed_job(db, bucket, tmp_path, images=2)
+    refs = _refs(db, job)
+    blob = bucket.blob(refs[1].path)
+    if change == "replaced":
+        blob.upload_from_string(photos.jpeg(photos.no_face()), content_type="image/jpeg")
+    else:
+        blob.delete()
+    with pytest.raises(DataError, match="replaced or deleted after it was checked") as caught:
+        data.download_images(bucket, refs, tmp_path / "dl")
+    assert repr(refs[1].file_name) in str(caught.value)
+    assert not (tmp_path / "dl" / refs[1].image_id).exists()
+
+
+def test_records_without_a_generation_read_the_live_photo(emulators: Any, db: Any,
+                                                          bucket: Any, tmp_path: Path) -> None:
+    job = seed_job(db, bucket, tmp_path, images=1)
+    [ref] = _refs(db, job)
+    legacy = data.ImageRef(image_id=ref.image_id, path=ref.path)
+    [file] = data.download_images(bucket, [legacy], tmp_path / "dl")
+    assert file.stat().st_size > 0
+    bucket.blob(ref.path).delete()
+    with pytest.raises(DataError, match="no longer in storage"):
+        data.download_images(bucket, [legacy], tmp_path / "again")

@@ -30,11 +30,13 @@ DOWNLOAD_THREADS = 8
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One accepted photo: its map key, storage object name and stored face box."""
+    """One accepted photo: its map key, storage object name, the object generation
+    that upload validation judged (None in records without one) and stored face box."""
 
     image_id: str
     path: str
     face: Mapping[str, int] | None = None
+    generation: int | None = None
 
     @property
     def file_name(self) -> str:
@@ -45,7 +47,8 @@ def accepted_images(actor: Mapping[str, Any]) -> list[ImageRef]:
     """The actor's accepted photos, in a stable order (by object path)."""
     images = actor.get(schema.Field.IMAGES) or {}
     refs = [
-        ImageRef(image_id=str(key), path=str(rec[IF.PATH]), face=rec.get(IF.FACE))
+        ImageRef(image_id=str(key), path=str(rec[IF.PATH]), face=rec.get(IF.FACE),
+                 generation=_generation(rec.get(IF.GENERATION)))
         for key, rec in images.items()
         if isinstance(rec, Mapping) and rec.get(IF.STATUS) == schema.ImageStatus.ACCEPTED
         and rec.get(IF.PATH)
@@ -57,8 +60,31 @@ def accepted_images(actor: Mapping[str, Any]) -> list[ImageRef]:
     return sorted(refs, key=lambda r: r.path)
 
 
+def _generation(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _replaced(ref: ImageRef) -> DataError:
+    return DataError(
+        f"the photo {ref.file_name!r} was replaced or deleted after it was checked "
+        f"({ref.path}, generation {ref.generation}); upload it again, wait for its check, "
+        "then start the training again"
+    )
+
+
 def download_images(bucket: Any, refs: Sequence[ImageRef], dest: Path) -> list[Path]:
-    """Download each photo to ``dest``; a missing object is a :class:`DataError`."""
+    """Download each photo to ``dest``; a missing object is a :class:`DataError`.
+
+    A photo is read at the generation upload validation judged, when its record
+    names one: a file replaced since (a new generation, judged on its own) or
+    deleted is a :class:`DataError`, never silently a different photo. Cloud
+    Storage answers 404 for a generation that no longer exists; the Storage
+    emulator ignores the generation and serves the live object, so the
+    generation it reports (``x-goog-generation``) is compared too.
+    """
     from google.api_core import exceptions as gexc
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -66,13 +92,20 @@ def download_images(bucket: Any, refs: Sequence[ImageRef], dest: Path) -> list[P
     def fetch(ref: ImageRef) -> Path:
         # The map key is a hash of the path: a safe, unique local file name.
         target = dest / ref.image_id
+        blob = bucket.blob(ref.path, generation=ref.generation)
         try:
-            bucket.blob(ref.path).download_to_filename(str(target))
+            blob.download_to_filename(str(target))
         except gexc.NotFound:
+            if ref.generation is not None:
+                raise _replaced(ref) from None
             raise DataError(
                 f"the photo {ref.file_name!r} is no longer in storage ({ref.path}); "
                 "upload it again or delete it from the actor"
             ) from None
+        served = _generation(blob.generation)
+        if ref.generation is not None and served is not None and served != ref.generation:
+            target.unlink(missing_ok=True)
+            raise _replaced(ref)
         return target
 
     with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:

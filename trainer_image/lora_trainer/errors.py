@@ -21,6 +21,14 @@ class TrainerError(Exception):
     """A failure whose message is fit for the job document."""
 
 
+class TransientError(TrainerError):
+    """A readable failure that another attempt may not meet (e.g. a service was down).
+
+    Its message reaches the job as-is, but :func:`is_permanent` is False, so the
+    reconciler retries within the job's attempt budget.
+    """
+
+
 class DataError(TrainerError):
     """The actor's photos cannot be used (missing, corrupt, none accepted)."""
 
@@ -99,6 +107,8 @@ def is_permanent(exc: BaseException) -> bool:
     fails and the reconciler retries it within the job's attempt budget.
     """
     try:
+        if isinstance(exc, TransientError):
+            return False
         if isinstance(exc, (TrainerError, KeyboardInterrupt)):
             return True
         return _disk_full(exc) is not None or type(exc).__name__ == "OutOfMemoryError"

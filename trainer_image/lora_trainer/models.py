@@ -92,18 +92,22 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def inspect_base_model(model_id: str) -> BaseModelInfo:
-    """Read model_index.json and the unet/scheduler/vae configs of ``model_id``."""
+def inspect_base_model(model_id: str, token: str | None = None) -> BaseModelInfo:
+    """Read model_index.json and the unet/scheduler/vae configs of ``model_id``.
+
+    ``token``: Hugging Face token for gated or private hub models (never logged).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     try:
-        index = DiffusionPipeline.load_config(model_id)
-        unet_config = UNet2DConditionModel.load_config(model_id, subfolder="unet")
-        scheduler_config = DDPMScheduler.load_config(model_id, subfolder="scheduler")
-        vae_config = AutoencoderKL.load_config(model_id, subfolder="vae")
+        index = DiffusionPipeline.load_config(model_id, token=token)
+        unet_config = UNet2DConditionModel.load_config(model_id, subfolder="unet", token=token)
+        scheduler_config = DDPMScheduler.load_config(model_id, subfolder="scheduler",
+                                                     token=token)
+        vae_config = AutoencoderKL.load_config(model_id, subfolder="vae", token=token)
     except Exception as err:  # noqa: BLE001 - every cause means the same to the user
         raise ModelLoadError(
-            f"could not read the base model {model_id!r}: {_first_line(err)}"
+            f"could not read the base model {model_id!r}: {_first_line(err, token)}"
         ) from err
     class_name = str(index.get("_class_name", ""))
     kind = SUPPORTED_PIPELINES.get(class_name)
@@ -133,8 +137,13 @@ def inspect_base_model(model_id: str) -> BaseModelInfo:
 
 
 def load_base_model(config: TrainConfig, device: torch.device | None = None,
-                    mixed_precision: str | None = None) -> LoadedModel:
-    """Load the pipeline with frozen weights in the training dtype (VAE in fp32)."""
+                    mixed_precision: str | None = None, *,
+                    token: str | None = None) -> LoadedModel:
+    """Load the pipeline with frozen weights in the training dtype (VAE in fp32).
+
+    ``token`` (Hugging Face, for gated base models) goes to every
+    ``from_pretrained``/``load_config`` of the base model; it is never logged.
+    """
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from diffusers.utils import logging as diffusers_logging
@@ -142,7 +151,7 @@ def load_base_model(config: TrainConfig, device: torch.device | None = None,
 
     device = device or default_device()
     _, weight_dtype = resolve_precision(mixed_precision or config.mixed_precision, device)
-    info = inspect_base_model(config.base_model_id)
+    info = inspect_base_model(config.base_model_id, token=token)
     # One progress bar in the log is the training's; loading has its own log lines.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -150,17 +159,18 @@ def load_base_model(config: TrainConfig, device: torch.device | None = None,
         # The VAE only encodes the photos once and decodes the samples: fp32
         # avoids the SDXL VAE's fp16 overflow and costs nothing per step.
         vae = AutoencoderKL.from_pretrained(
-            config.base_model_id, subfolder="vae", dtype=torch.float32
+            config.base_model_id, subfolder="vae", dtype=torch.float32, token=token
         )
         if info.kind == SDXL:
             pipeline = StableDiffusionXLPipeline.from_pretrained(
-                config.base_model_id, vae=vae, dtype=weight_dtype
+                config.base_model_id, vae=vae, dtype=weight_dtype, token=token
             )
         else:
             pipeline = StableDiffusionPipeline.from_pretrained(
                 config.base_model_id,
                 vae=vae,
                 dtype=weight_dtype,
+                token=token,
                 # The samples are of the user's own face; no NSFW classifier
                 # weights are needed for training.
                 safety_checker=None,
@@ -168,7 +178,8 @@ def load_base_model(config: TrainConfig, device: torch.device | None = None,
             )
     except Exception as err:  # noqa: BLE001
         raise ModelLoadError(
-            f"could not load the base model {config.base_model_id!r}: {_first_line(err)}"
+            f"could not load the base model {config.base_model_id!r}: "
+            f"{_first_line(err, token)}"
         ) from err
     return prepare_pipeline(pipeline, info, device, weight_dtype)
 
@@ -320,6 +331,8 @@ def enable_gradient_checkpointing(model: LoadedModel, config: TrainConfig) -> No
             encoder.gradient_checkpointing_enable()
 
 
-def _first_line(err: BaseException) -> str:
+def _first_line(err: BaseException, secret: str | None = None) -> str:
     text = str(err).strip()
+    if secret:  # the message goes to the job document and the log
+        text = text.replace(secret, "***")
     return (text.splitlines()[0] if text else type(err).__name__)[:500]

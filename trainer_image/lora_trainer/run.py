@@ -9,11 +9,13 @@ the restarted worker; a job owned by another attempt is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,10 @@ from .errors import (
     Cancelled,
     DataError,
     DiskFullError,
+    ModelLoadError,
     Preempted,
     Superseded,
+    TransientError,
     describe,
     is_permanent,
 )
@@ -175,13 +179,17 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
 
     beat = max(30.0, 4 * config.report_every_seconds)
     with timings.phase("prepareSeconds"), reporter.keepalive(S.PREPARING, beat):
-        info = models.inspect_base_model(config.base_model_id)
+        # One token for the base model (gated models) and the hub push; never logged.
+        token, token_problem = _resolve_hub_token()
+        with _token_note(token_problem):
+            info = models.inspect_base_model(config.base_model_id, token=token)
         resolution = config.resolution or info.native_resolution
         # Photos first: a corrupt photo fails in seconds, not after a model download.
         refs = data.accepted_images(actor)
         files = data.download_images(bucket, refs, work / "images")
         images = data.load_training_images(files, refs, resolution, config.face_margin)
-        model = models.load_base_model(config, device)
+        with _token_note(token_problem):
+            model = models.load_base_model(config, device, token=token)
         prepared = build_trainer(model, config, data.images_to_tensor(images))
     trainer = prepared.trainer
     store = CheckpointStore(
@@ -195,7 +203,9 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
         **{k: v for k, v in config.hyperparameters().items()},
         "max_train_steps": config.max_train_steps,
         "caption": config.instance_prompt,
-        "images": [r.path for r in refs],
+        # The judged generation too: a replaced photo must not resume an old run.
+        "images": [r.path if r.generation is None else f"{r.path}#{r.generation}"
+                   for r in refs],
     }
     meta: dict[str, Any] = {"fingerprint": fingerprint}
     restored = store.latest(device, fingerprint)
@@ -275,11 +285,13 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
     with timings.phase("uploadSeconds"), reporter.keepalive(S.UPLOADING, beat):
         prefix = schema.model_prefix(config.user_id, config.actor_id, options.job_id)
         artifacts = export.upload_artifacts(bucket, prefix, out)
-        hub_repo, hub_error = hub.maybe_push(out, options.job_id) if options.push_to_hub else (
-            None, None)
+        hub_repo, hub_error = hub.maybe_push(
+            out, options.job_id, token,
+            token_problem=str(token_problem) if token_problem else None,
+        ) if options.push_to_hub else (None, None)
         if hub_error:
             metrics["hubError"] = hub_error
-    version = reporter.finish_success(FinishResult(
+    version = finish_with_retry(reporter, FinishResult(
         trained_model_id=options.job_id,
         artifacts=artifacts,
         metrics=metrics,
@@ -290,13 +302,105 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
         total_steps=total,
         hub_repo=hub_repo,
     ))
-    log.info("job %s completed: model version %d, %d files under %s", options.job_id, version,
+    log.info("job %s completed: model version %s, %d files under %s", options.job_id,
+             version if version is not None else "(recorded by an earlier try)",
              len(artifacts), prefix)
     # The model is published: the checkpoints (service-only) are no longer needed.
     store.delete_all()
     if not options.keep_work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return EXIT_OK
+
+
+def _resolve_hub_token() -> tuple[str | None, Any]:
+    """``(token, None)``, ``(None, None)`` when none is configured, or ``(None, problem)``.
+
+    A configured secret that cannot be read does not stop a run by itself: a
+    public base model loads without it. It matters only if the base model then
+    fails to load (see :func:`_token_note`) and for the hub push.
+    """
+    from . import hub
+
+    try:
+        return hub.hub_token(), None
+    except hub.TokenUnavailable as err:
+        log.warning("the Hugging Face token could not be read: %s", err)
+        return None, err
+
+
+@contextlib.contextmanager
+def _token_note(problem: Any) -> Iterator[None]:
+    """Say why a base model may have failed to load when the token could not be read.
+
+    A transient problem (Secret Manager unreachable) makes the failure
+    retryable, so the reconciler tries another attempt instead of failing the job.
+    """
+    try:
+        yield
+    except ModelLoadError as err:
+        if problem is None:
+            raise
+        message = f"{err}; the Hugging Face token could not be read: {problem}"
+        if getattr(problem, "transient", False):
+            raise TransientError(message) from err  # another attempt may read it
+        raise ModelLoadError(message) from err
+
+
+#: The final write is retried this often (after the first try) with this backoff:
+#: the artifacts are already uploaded, and a retried attempt would train from step 0.
+FINISH_RETRIES = 5
+FINISH_BACKOFF_SECONDS = (1.0, 16.0)  # first delay, longest delay (doubling)
+
+
+def is_transient_write_error(err: BaseException) -> bool:
+    """A Firestore error that trying again may cure: 5xx, 429, contention, timeouts.
+
+    The client's transaction wrapper reports contention it could not resolve as a
+    ValueError caused by ``Aborted``, so the cause chain is looked at too.
+    """
+    from google.api_core import exceptions as gexc
+
+    kinds = (gexc.ServerError, gexc.TooManyRequests, gexc.Aborted, gexc.RetryError,
+             ConnectionError, TimeoutError)
+    seen = 0
+    current: BaseException | None = err
+    while current is not None and seen < 5:
+        if isinstance(current, kinds):
+            return True
+        current, seen = current.__cause__, seen + 1
+    return False
+
+
+def finish_with_retry(reporter: Any, result: Any, *, retries: int | None = None,
+                      backoff: tuple[float, float] | None = None,
+                      sleep: Callable[[float], None] | None = None) -> int | None:
+    """``reporter.finish_success(result)``, retried on transient Firestore errors.
+
+    Returns the model version, or None when an earlier try's commit went through
+    although its answer was lost (the retry then finds the job completed).
+    Anything else (cancelled or superseded meanwhile, a permanent error) is
+    raised at once; the last transient error is raised once the retries are spent.
+    """
+    retries = FINISH_RETRIES if retries is None else retries
+    delay, longest = backoff or FINISH_BACKOFF_SECONDS
+    sleep = sleep or time.sleep
+    for tried in range(retries + 1):
+        try:
+            return int(reporter.finish_success(result))
+        except AlreadyCompleted:
+            if tried == 0:
+                raise
+            log.info("the job is completed: an earlier try's commit went through")
+            return None
+        except Exception as err:
+            if tried == retries or not is_transient_write_error(err):
+                raise
+            log.warning("recording the completed job failed (%s: %s); retrying in %.0f s "
+                        "(%d/%d)", type(err).__name__, str(err).splitlines()[0][:200]
+                        if str(err) else "", delay, tried + 1, retries)
+            sleep(delay)
+            delay = min(longest, delay * 2)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 #: Dense bf16 tensor throughput of common training GPUs (FLOP/s), for the first ETA.
