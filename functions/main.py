@@ -90,7 +90,7 @@ def on_job_updated(
     retry_count=0,  # the next minute is the retry
 )
 def dispatch_jobs(event: scheduler_fn.ScheduledEvent) -> None:
-    """Sweep lost triggers, reconcile running jobs with the executor, dispatch queued jobs."""
+    """Reconcile running jobs with the executor, dispatch queued jobs, then sweep lost triggers."""
     report = reconcile.run_maintenance(config.load_settings())
     if report.errors:
         logging.getLogger("actorgen").error("maintenance errors: %s", report.errors)

@@ -52,6 +52,8 @@ def test_allowed_transitions(current: str | None, new: str) -> None:
         (JobStatus.FAILED, JobStatus.TRAINING),
         (JobStatus.PENDING, JobStatus.TRAINING),
         (JobStatus.PENDING, JobStatus.COMPLETED),
+        # No pipeline path needs it; a stale trainer must not fail a re-queued job.
+        (JobStatus.QUEUED, JobStatus.FAILED),
         (JobStatus.QUEUED, "bogus"),
         ("bogus", JobStatus.QUEUED),
     ],

@@ -246,7 +246,7 @@ class Scheduler(threading.Thread):
                     say(f"scheduler: dispatch_jobs failed: {exc}")
             else:
                 if self.verbose and not self.stopped.is_set():
-                    say("scheduler: ran dispatch_jobs (sweep, reconcile, dispatch)")
+                    say("scheduler: ran dispatch_jobs (reconcile, dispatch, sweep)")
 
     def stop(self) -> None:
         self.stopped.set()

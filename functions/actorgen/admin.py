@@ -7,6 +7,11 @@ MAX_ATTEMPTS``; attempt numbers keep counting up so each attempt's executor labe
 stay unique), clears ``error``, keeps ``attemptHistory`` (adding a marker), and
 releases the job to the dispatcher (``nextAttemptAt`` = now).
 
+A change from ``failed`` to ``queued`` is always an admin's (no pipeline path
+writes it), so it is a re-dispatch with a fresh budget even when the failed job
+still carries a ``nextAttemptAt`` from before (the pipeline clears it whenever it
+writes ``failed``, older documents may not).
+
 The dispatcher only takes queued jobs that carry ``nextAttemptAt``; every pipeline
 path into ``queued`` sets it, a hand edit does not. So any other hand-made change
 of ``status`` to ``queued`` (from completed, rejected, cancelled...) is never
@@ -57,9 +62,12 @@ def review_update(before: Mapping[str, Any] | None, after: Mapping[str, Any] | N
         and new != JobStatus.FAILED
     ):
         return AdminAction.CANCEL
+    if new == JobStatus.QUEUED and old == JobStatus.FAILED:
+        # Only an admin moves failed -> queued: a re-dispatch, whatever nextAttemptAt says.
+        return AdminAction.REDISPATCH
     released = after.get(Field.NEXT_ATTEMPT_AT) is not None
     if new == JobStatus.QUEUED and old != JobStatus.QUEUED and not released:
-        return AdminAction.REDISPATCH if old == JobStatus.FAILED else AdminAction.REVERT
+        return AdminAction.REVERT
     return AdminAction.IGNORE
 
 
@@ -78,6 +86,7 @@ def redispatch_update(
         Field.PROGRESS: 0,
         Field.EXECUTOR_JOB_NAME: None,
         Field.EXECUTOR_STATE: None,
+        Field.EXECUTOR_STATE_AT: None,
         Field.HEARTBEAT_AT: None,
         Field.LEASE_OWNER: None,
         Field.LEASE_EXPIRES_AT: None,
@@ -112,28 +121,37 @@ def handle_job_update(
         done = reconcile.cancel_job(db, executor, job_id, settings, now)
         log.info("cancel of job %s requested: %s", job_id, "done" if done else "deferred")
         return action if done else AdminAction.IGNORE
-    return _apply(db, job_id, action, (before or {}).get(Field.STATUS), settings, now)
+    return _apply(db, job_id, action, before or {}, after or {}, settings, now)
 
 
 def _apply(
     db: FirestoreClient,
     job_id: str,
     action: str,
-    previous_status: str | None,
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
     settings: Settings,
     now: datetime,
 ) -> str:
     job_ref = db.collection(schema.TRAINING_JOBS).document(job_id)
+    previous_status = before.get(Field.STATUS)
 
     def apply(transaction: Any) -> str:
         snap = job_ref.get(transaction=transaction)
         job = snap.to_dict() if snap.exists else None
-        # Only while the hand edit is still what the document says.
-        if (
-            job is None
-            or job.get(Field.STATUS) != JobStatus.QUEUED
-            or job.get(Field.NEXT_ATTEMPT_AT) is not None
-        ):
+        # Only while the hand edit is still what the document says: nothing released
+        # the job since (no nextAttemptAt), or nothing at all was written since the
+        # edit (updatedAt as in the event; a leftover nextAttemptAt of the failed job
+        # does not count). A redelivered event finds the re-dispatch's own write.
+        if job is None or job.get(Field.STATUS) != JobStatus.QUEUED:
+            return AdminAction.IGNORE
+        unreleased = job.get(Field.NEXT_ATTEMPT_AT) is None
+        unwritten = (
+            action == AdminAction.REDISPATCH
+            and job.get(Field.UPDATED_AT) == after.get(Field.UPDATED_AT)
+            and job.get(Field.NEXT_ATTEMPT_AT) == after.get(Field.NEXT_ATTEMPT_AT)
+        )
+        if not (unreleased or unwritten):
             return AdminAction.IGNORE
         if action == AdminAction.REVERT:
             transaction.update(job_ref, {Field.STATUS: previous_status, Field.UPDATED_AT: now})

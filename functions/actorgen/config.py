@@ -187,6 +187,17 @@ SWEEP_MAX_AGE_SECONDS = IntParam(
     default=7 * 24 * 3600,
     description="Uploads older than this are no longer swept (orphans stop being retried).",
 )
+UPLOAD_SWEEP_MAX_SECONDS = IntParam(
+    "UPLOAD_SWEEP_MAX_SECONDS",
+    default=60,
+    description="Time budget of the per-minute upload sweep (listing and validating); it "
+    "runs after reconcile and dispatch, and the next pass resumes where it stopped.",
+)
+UPLOAD_SWEEP_MAX_OBJECTS = IntParam(
+    "UPLOAD_SWEEP_MAX_OBJECTS",
+    default=20000,
+    description="Most uploaded objects one upload sweep lists; the next pass resumes after them.",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +237,8 @@ class Settings:
     heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS.default
     sweep_after_seconds: int = SWEEP_AFTER_SECONDS.default
     sweep_max_age_seconds: int = SWEEP_MAX_AGE_SECONDS.default
+    upload_sweep_max_seconds: int = UPLOAD_SWEEP_MAX_SECONDS.default
+    upload_sweep_max_objects: int = UPLOAD_SWEEP_MAX_OBJECTS.default
     functions_region: str = FUNCTIONS_REGION
 
     def executor_settings(self) -> ExecutorSettings:
@@ -286,6 +299,8 @@ def load_settings() -> Settings:
         heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS.value,
         sweep_after_seconds=SWEEP_AFTER_SECONDS.value,
         sweep_max_age_seconds=SWEEP_MAX_AGE_SECONDS.value,
+        upload_sweep_max_seconds=UPLOAD_SWEEP_MAX_SECONDS.value,
+        upload_sweep_max_objects=UPLOAD_SWEEP_MAX_OBJECTS.value,
     )
 
 

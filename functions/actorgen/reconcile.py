@@ -1,4 +1,9 @@
-"""The sweeper and the reconciler (run every minute, before the dispatcher).
+"""The reconciler and the sweepers (run every minute with the dispatcher).
+
+:func:`run_maintenance` reconciles first, then dispatches, then sweeps: the upload
+sweep lists Storage and may decode photos, so it runs last and under a time and
+object budget (``upload_sweep_max_seconds``, ``upload_sweep_max_objects``), and a
+large bucket can never starve reconciliation or dispatch.
 
 Firestore and Storage triggers of the Python SDK cannot be retried, so a trigger
 that failed would lose work. The sweeper therefore takes in job documents still
@@ -12,20 +17,35 @@ written meanwhile always wins. A failed attempt (executor failed, cancelled,
 expired or lost; executor succeeded without the trainer writing ``completed``; or
 the trainer's heartbeat went stale while the executor still runs it) is recorded
 in ``attemptHistory`` and re-queued with exponential backoff (``nextAttemptAt``)
-while attempts remain; then the job is ``failed`` with the executor's error, on
-the job and on the actor. A stale attempt's executor job is cancelled first, so a
-zombie never holds a GPU.
+while attempts remain; then the job is ``failed``. The executor's own text (log
+tails, resource paths) stays in ``attemptHistory`` for admins; the job's ``error``
+and the actor's ``modelError`` get the trainer's own message when it wrote one,
+else a short sentence (:data:`USER_REASONS`). A stale attempt's executor job is
+cancelled first, so a zombie never holds a GPU.
+
+Liveness: a running attempt is stale when nothing happened for
+``heartbeat_timeout_seconds`` since the latest of the trainer's heartbeat, its
+start, the dispatch and ``executorStateAt`` (when the executor state last
+changed). So a job that waited in the executor's queue (Vertex PENDING, FLEX_START
+or SPOT provisioning), or whose worker was restarted after a preemption, gets a
+full timeout from the moment it is seen running.
+
+A ``completed`` job whose executor job is still active well after ``finishedAt``
+(an older attempt finished while a newer one was already submitted) has that
+executor job cancelled (:func:`stop_leftover_executor_jobs`).
 
 ``cancelRequested`` ends a job as ``cancelled``: directly while it is pending or
 queued; after the executor job is cancelled once it has one. A ``dispatching`` job
-is cancelled on the next pass, once its submission is recorded.
+is cancelled on the next pass, once its submission is recorded (or by the
+dispatcher, instead of re-driving it, once its lease expired).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -49,6 +69,32 @@ RECONCILED_STATUSES: Final = schema.ACTIVE_JOB_STATUSES - {JobStatus.DISPATCHING
 CANCEL_DIRECTLY: Final = frozenset({JobStatus.PENDING, JobStatus.QUEUED})
 #: Uploads validated per sweep at most (each costs a download, a decode, a detection).
 MAX_SWEPT_UPLOADS: Final = 20
+#: Server-side filter of the upload sweep's listing (Cloud Storage ``matchGlob``): uploads
+#: only, never the models and samples under ``.../models/``. Emulators may ignore it; the
+#: sweep filters by :func:`schema.parse_upload_path` as well.
+UPLOAD_GLOB: Final = "users/*/actors/*/images/*"
+#: A completed job's executor job may still run this long after ``finishedAt`` (the
+#: trainer is exiting); after that it is a leftover and is cancelled.
+COMPLETED_GRACE_SECONDS: Final = 600
+#: Completed jobs checked for a leftover executor job: finished within this window...
+COMPLETED_WINDOW_SECONDS: Final = 3600
+#: ...at most this many per pass, the most recent first.
+COMPLETED_CHECK_LIMIT: Final = 10
+
+#: What the app shows (job ``error``, actor ``modelError``) when a failed attempt ends a
+#: job and the trainer left no message of its own; the raw text is in ``attemptHistory``.
+USER_REASONS: Final = {
+    AttemptOutcome.EXECUTOR_FAILED: "the training machine stopped unexpectedly",
+    AttemptOutcome.LOST: "the training job disappeared from the training service",
+    AttemptOutcome.NO_COMPLETION: "the training machine finished without producing a model",
+    AttemptOutcome.STALE: "the trainer stopped responding",
+}
+#: Sharper wording for some executor endings (``ExecutorState`` values).
+EXECUTOR_STATE_REASONS: Final = {
+    "expired": "no training machine became available in time",
+    "cancelled": "the training machine was stopped by the training service",
+}
+USER_ADVICE: Final = "Start the training again or contact support."
 
 
 class Action:
@@ -65,16 +111,22 @@ class Decision:
     outcome: str | None = None  # AttemptOutcome of a failed attempt
     error: str | None = None  # the attempt's error (executor's message where it gave one)
     cancel_executor: bool = False  # stop the executor job before recording
+    #: What the job and actor show if this attempt ends the job (short; never raw executor text).
+    message: str | None = None
 
 
 NOTHING: Final = Decision(Action.NONE)
 
 
 def heartbeat_reference(job: Mapping[str, Any]) -> datetime | None:
-    """Latest sign of life: the trainer's heartbeat, else its start, else the dispatch."""
+    """Latest sign of life: the trainer's heartbeat or start, the dispatch, or the last
+    change of the executor's state (a job that waited in the executor's queue, or a
+    restarted worker, is counted from when it was seen running)."""
     times = [
         jobs.as_datetime(job.get(name))
-        for name in (Field.HEARTBEAT_AT, Field.STARTED_AT, Field.DISPATCHED_AT)
+        for name in (
+            Field.HEARTBEAT_AT, Field.STARTED_AT, Field.DISPATCHED_AT, Field.EXECUTOR_STATE_AT
+        )
     ]
     present = [t for t in times if t is not None]
     return max(present) if present else None
@@ -113,13 +165,28 @@ def decide(
         )
     if state.is_failure:
         # The trainer records why it crashed on the job before exiting non-zero;
-        # that says more than the executor's "exited with status 1".
+        # that says more than the executor's "exited with status 1", and it is
+        # written for the user, so it is also what the job shows if it fails.
+        trainer_error = job.get(Field.ERROR) or None
         error = (
-            job.get(Field.ERROR)
+            trainer_error
             or executor_job.error
             or f"the executor reported {executor_job.raw_state or state}"
         )
-        return _failed_attempt(job, AttemptOutcome.EXECUTOR_FAILED, error)
+        reason = EXECUTOR_STATE_REASONS.get(state.value)
+        return _failed_attempt(
+            job,
+            AttemptOutcome.EXECUTOR_FAILED,
+            error,
+            message=str(trainer_error) if trainer_error else None,
+            reason=reason,
+        )
+    observed = executor_job.raw_state or state.value
+    if job.get(Field.EXECUTOR_STATE) != observed:
+        # First seen running after waiting in the executor's queue, or running again
+        # after a preemption: record it (executorStateAt), which restarts the liveness
+        # clock. Never stale on the pass that first sees the new state.
+        return Decision(Action.OBSERVE)
     if state != ExecutorState.QUEUED:  # running (or unknown): the trainer must be alive
         reference = heartbeat_reference(job)
         if reference is not None:
@@ -132,21 +199,28 @@ def decide(
                     f"minutes, limit {settings.heartbeat_timeout_seconds / 60:.0f})",
                     cancel_executor=True,
                 )
-    observed = executor_job.raw_state or state.value
-    if job.get(Field.EXECUTOR_STATE) != observed or (
-        not name and executor_job.name
-    ):
+    if not name and executor_job.name:
         return Decision(Action.OBSERVE)
     return NOTHING
 
 
 def _failed_attempt(
-    job: Mapping[str, Any], outcome: str, error: str, *, cancel_executor: bool = False
+    job: Mapping[str, Any],
+    outcome: str,
+    error: str,
+    *,
+    cancel_executor: bool = False,
+    message: str | None = None,
+    reason: str | None = None,
 ) -> Decision:
+    """A failed attempt: ``error`` is kept for admins; ``message`` (the trainer's own
+    words) or ``reason`` (a short sentence) is what the user sees if the job fails."""
     attempt = jobs.as_int(job.get(Field.ATTEMPT))
     max_attempts = jobs.as_int(job.get(Field.MAX_ATTEMPTS), 1)
     action = Action.RETRY if attempt < max_attempts else Action.FAIL
-    return Decision(action, outcome, error, cancel_executor)
+    if message is None:
+        message = f"{reason or USER_REASONS.get(outcome, 'the training failed')}. {USER_ADVICE}"
+    return Decision(action, outcome, error, cancel_executor, message)
 
 
 def failure_message(job: Mapping[str, Any], error: str) -> str:
@@ -166,9 +240,12 @@ def apply_update(
     """The new status (None: unchanged) and the job fields to write for ``decision``."""
     observed = (executor_job.raw_state or executor_job.state.value) if executor_job else None
     name = job.get(Field.EXECUTOR_JOB_NAME) or (executor_job.name if executor_job else None)
+    # When the executor's state changes, remember when: the liveness clock restarts there.
+    stamp = {Field.EXECUTOR_STATE_AT: now} if observed != job.get(Field.EXECUTOR_STATE) else {}
     if decision.action == Action.OBSERVE:
         return None, {
             Field.EXECUTOR_STATE: observed,
+            **stamp,
             Field.EXECUTOR_JOB_NAME: name,
             Field.UPDATED_AT: now,
         }
@@ -179,6 +256,7 @@ def apply_update(
     common = {
         Field.ATTEMPT_HISTORY: [*jobs.history(job), entry],
         Field.EXECUTOR_STATE: observed,
+        **stamp,
         Field.UPDATED_AT: now,
     }
     if decision.action == Action.CANCEL:
@@ -198,11 +276,13 @@ def apply_update(
             Field.HEARTBEAT_AT: None,
             Field.ERROR: None,
         }
-    error = failure_message(job, decision.error or "unknown error")
+    # The raw error is in the history entry; the job and actor get the short message.
+    error = failure_message(job, decision.message or decision.error or "unknown error")
     return JobStatus.FAILED, {
         **common,
         Field.STATUS: JobStatus.FAILED,
         Field.ERROR: error,
+        Field.NEXT_ATTEMPT_AT: None,  # failed is never due; a re-dispatch releases it again
         Field.FINISHED_AT: now,
     }
 
@@ -214,6 +294,9 @@ class MaintenanceReport:
     validated: list[str] = field(default_factory=list)
     reconciled: dict[str, str] = field(default_factory=dict)  # job id -> action
     cancelled: list[str] = field(default_factory=list)
+    dispatched: list[str] = field(default_factory=list)
+    #: Completed jobs whose leftover executor job (a newer attempt) was cancelled.
+    stopped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -390,7 +473,66 @@ def run_reconcile_pass(
         requested = (snap.to_dict() or {}).get(Field.CANCEL_REQUESTED)
         if requested and cancel_job(db, executor, snap.id, settings, now):
             report.cancelled.append(snap.id)
+    try:
+        report.stopped.extend(stop_leftover_executor_jobs(db=db, executor=executor, now=now))
+    except Exception as err:  # best effort: the next pass looks again
+        log.exception("checking completed jobs for leftover executor jobs failed")
+        report.errors.append(f"leftover executor jobs: {err}")
     return report
+
+
+def recently_completed(jobs_ref: Any, now: datetime) -> Any:
+    """Jobs completed between the window and the grace ago, newest first (index:
+    firestore.indexes.json)."""
+    from datetime import timedelta
+
+    from google.cloud.firestore_v1.base_query import BaseQuery, FieldFilter
+
+    return (
+        jobs_ref.where(filter=FieldFilter(Field.STATUS, "==", JobStatus.COMPLETED))
+        .where(filter=FieldFilter(
+            Field.FINISHED_AT, ">=", now - timedelta(seconds=COMPLETED_WINDOW_SECONDS)))
+        .where(filter=FieldFilter(
+            Field.FINISHED_AT, "<=", now - timedelta(seconds=COMPLETED_GRACE_SECONDS)))
+        .order_by(Field.FINISHED_AT, direction=BaseQuery.DESCENDING)
+        .limit(COMPLETED_CHECK_LIMIT)
+    )
+
+
+def stop_leftover_executor_jobs(
+    *, db: FirestoreClient, executor: Executor, now: datetime
+) -> list[str]:
+    """Cancel the executor job of recently completed jobs when it is still active.
+
+    ``completed`` always wins, also when an older attempt finished after a newer one
+    was submitted: the newer attempt's executor job (the job's ``executorJobName``)
+    would then hold a GPU for nothing. Only jobs that finished between
+    :data:`COMPLETED_WINDOW_SECONDS` and :data:`COMPLETED_GRACE_SECONDS` ago are
+    looked at (the grace lets the completing trainer exit by itself), at most
+    :data:`COMPLETED_CHECK_LIMIT` per pass; the job document is not written.
+    """
+    from actorgen.executors import ExecutorError, ExecutorNotFound
+
+    stopped: list[str] = []
+    for snap in recently_completed(db.collection(schema.TRAINING_JOBS), now).stream():
+        name = (snap.to_dict() or {}).get(Field.EXECUTOR_JOB_NAME)
+        if not name:
+            continue
+        try:
+            executor_job = executor.get(name)
+            if not executor_job.state.is_active:
+                continue
+            executor.cancel(name)
+        except ExecutorNotFound:
+            continue
+        except ExecutorError as err:
+            log.warning("job %s: cannot check or stop executor job %s (%s); retrying next pass",
+                        snap.id, name, err)
+            continue
+        log.warning("job %s is completed but its executor job %s was still %s; cancelled it",
+                    snap.id, name, executor_job.raw_state or executor_job.state)
+        stopped.append(snap.id)
+    return stopped
 
 
 def sweep_pending_jobs(
@@ -421,6 +563,19 @@ def sweep_pending_jobs(
     return taken
 
 
+@dataclass
+class UploadSweepCursor:
+    """Where the next upload sweep resumes listing: the first object name not yet looked
+    at when a sweep ran out of budget (None: from the start). Kept in memory by the
+    function instance, so a bucket larger than one sweep's budget is covered over
+    successive passes instead of always its first objects; a new instance starts over."""
+
+    resume_from: str | None = None
+
+
+_UPLOAD_CURSOR = UploadSweepCursor()
+
+
 def sweep_uploads(
     settings: Settings,
     *,
@@ -428,20 +583,45 @@ def sweep_uploads(
     bucket: Bucket,
     now: datetime,
     limit: int = MAX_SWEPT_UPLOADS,
+    timer: Callable[[], float] = time.monotonic,
+    cursor: UploadSweepCursor | None = None,
 ) -> list[str]:
-    """Validate uploads that have no verdict a while after upload (a lost trigger)."""
+    """Validate uploads that have no verdict a while after upload (a lost trigger).
+
+    Bounded: it stops listing after ``settings.upload_sweep_max_objects`` uploads or
+    ``settings.upload_sweep_max_seconds`` (listing and validating together), and the
+    next sweep resumes where this one stopped (``cursor``). Only upload objects are
+    listed (:data:`UPLOAD_GLOB`); anything else, such as ``.../models/``, is skipped.
+    """
     from actorgen import uploads
 
+    cursor = cursor if cursor is not None else _UPLOAD_CURSOR
+    deadline = timer() + settings.upload_sweep_max_seconds
+    start = cursor.resume_from
+    options: dict[str, Any] = {"prefix": "users/", "match_glob": UPLOAD_GLOB}
+    if start:
+        options["start_offset"] = start
     groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
-    for blob in bucket.list_blobs(prefix="users/"):
+    stopped_at: str | None = None  # first object not looked at, when the budget ran out
+    listed = 0
+    for blob in bucket.list_blobs(**options):
+        if start and blob.name < start:
+            continue  # a server (the emulator) that ignores start_offset
         path = schema.parse_upload_path(blob.name)
+        if path is None:
+            continue  # models, samples, anything but an upload: not counted
+        listed += 1
+        if listed > settings.upload_sweep_max_objects or timer() > deadline:
+            stopped_at = blob.name
+            break
         created = jobs.as_datetime(blob.updated or blob.time_created)
-        if path is None or created is None:
+        if created is None:
             continue
         age = (now - created).total_seconds()
         if settings.sweep_after_seconds <= age <= settings.sweep_max_age_seconds:
             groups[(path.uid, path.actor_id)].append(blob)
     done: list[str] = []
+    # Listing order is name order, and so is this (groups are contiguous prefixes).
     for (uid, actor_id), blobs in groups.items():
         snap = db.collection(schema.ACTORS).document(actor_id).get()
         actor = snap.to_dict() if snap.exists else None
@@ -453,7 +633,10 @@ def sweep_uploads(
             seen = jobs.as_int(record.get(schema.ImageField.GENERATION), -1)
             if record.get(schema.ImageField.STATUS) and seen >= jobs.as_int(blob.generation):
                 continue
-            if len(done) >= limit:
+            if len(done) >= limit or timer() > deadline:
+                cursor.resume_from = blob.name  # this one is first next time
+                log.info("upload sweep stopped at %s (budget); the next pass resumes there",
+                         blob.name)
                 return done
             event = uploads.UploadEvent(bucket.name, blob.name, blob.generation, blob.size)
             try:
@@ -463,7 +646,15 @@ def sweep_uploads(
                 continue
             log.warning("swept upload %s: no verdict had been recorded; now %s", blob.name, outcome)
             done.append(blob.name)
+    if stopped_at is not None:
+        log.info("upload sweep listed %d uploads and stopped at %s (budget); the next pass "
+                 "resumes there", listed - 1, stopped_at)
+    cursor.resume_from = stopped_at
     return done
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 def run_maintenance(
@@ -473,33 +664,56 @@ def run_maintenance(
     bucket: Bucket | None = None,
     executor: Executor | None = None,
     now: datetime | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> MaintenanceReport:
-    """The scheduled pass: sweep, reconcile, then dispatch. Each step runs even if one fails."""
+    """The scheduled pass: reconcile, dispatch, sweep pending jobs, then sweep uploads
+    (last: it lists Storage, under a budget). Each step runs even if another fails.
+
+    Each step reads ``clock`` when it starts (a long step does not age the next one's
+    view); ``now`` pins the time the steps decide with (tests). The dispatcher's
+    leases always come from ``clock``.
+    """
     from actorgen import clients, dispatch
     from actorgen.executors import build_executor
 
     db = db or clients.firestore_client()
-    now = now or datetime.now(UTC)
+    clock = clock or _utcnow
     report = MaintenanceReport()
 
+    def at() -> datetime:
+        return now or clock()
+
+    def get_executor() -> Executor:
+        nonlocal executor
+        if executor is None:
+            executor = build_executor(settings.executor_settings())
+        return executor
+
+    def reconcile_jobs() -> None:
+        run_reconcile_pass(settings, db=db, executor=get_executor(), now=at(), report=report)
+
+    def dispatch_jobs() -> None:
+        done = dispatch.run_dispatch_pass(
+            settings, db=db, executor=get_executor(), now=now, clock=clock
+        )
+        report.dispatched.extend(done.submitted)
+
     def sweep_jobs() -> None:
-        report.taken_in.extend(sweep_pending_jobs(settings, db=db, now=now))
+        report.taken_in.extend(sweep_pending_jobs(settings, db=db, now=at()))
 
     def sweep_files() -> None:
         files = bucket or clients.storage_bucket(settings.bucket or None)
-        report.validated.extend(sweep_uploads(settings, db=db, bucket=files, now=now))
+        report.validated.extend(sweep_uploads(settings, db=db, bucket=files, now=at()))
 
-    for name, step in (("sweep jobs", sweep_jobs), ("sweep uploads", sweep_files)):
+    for name, step in (
+        ("reconcile", reconcile_jobs),
+        ("dispatch", dispatch_jobs),
+        ("sweep jobs", sweep_jobs),
+        ("sweep uploads", sweep_files),
+    ):
         try:
             step()
-        except Exception as err:  # the other steps must still run
+        except Exception as err:  # logged and reported; the other steps still run
             log.exception("%s failed", name)
             report.errors.append(f"{name}: {err}")
-    try:
-        executor = executor or build_executor(settings.executor_settings())
-        run_reconcile_pass(settings, db=db, executor=executor, now=now, report=report)
-        dispatch.run_dispatch_pass(settings, db=db, executor=executor, now=now)
-    except Exception as err:  # logged and reported; the next minute tries again
-        log.exception("reconcile/dispatch failed")
-        report.errors.append(f"reconcile/dispatch: {err}")
     return report

@@ -85,9 +85,10 @@ _TRANSITIONS: Final[dict[str, frozenset[str]]] = {
     JobStatus.PENDING: frozenset({JobStatus.QUEUED, JobStatus.REJECTED, JobStatus.CANCELLED}),
     # `completed` is reachable even from queued/dispatching/failed: an attempt the
     # reconciler gave up on (stale heartbeat) may still finish, and its result is
-    # worth keeping rather than paying for the GPU again.
+    # worth keeping rather than paying for the GPU again. `queued -> failed` is not:
+    # no pipeline path needs it, and it would let a stale trainer fail a re-queued job.
     JobStatus.QUEUED: frozenset(
-        {JobStatus.DISPATCHING, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.COMPLETED}
+        {JobStatus.DISPATCHING, JobStatus.CANCELLED, JobStatus.COMPLETED}
     ),
     JobStatus.DISPATCHING: frozenset(
         {
@@ -325,6 +326,7 @@ class Field:
     EXECUTOR = "executor"  # "vertex" | "local"
     EXECUTOR_JOB_NAME = "executorJobName"
     EXECUTOR_STATE = "executorState"
+    EXECUTOR_STATE_AT = "executorStateAt"  # when executorState last changed (liveness clock)
     HEARTBEAT_AT = "heartbeatAt"
     STEP = "step"
     TOTAL_STEPS = "totalSteps"

@@ -45,3 +45,13 @@ def executor_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     for executor in made:
         for folder in sorted(executor.workdir.glob("j*-a*")):
             executor.cancel(folder.name)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upload_sweep_cursor() -> Iterator[None]:
+    """The upload sweep's resume point lives in memory; no test sees another's."""
+    from actorgen import reconcile
+
+    reconcile._UPLOAD_CURSOR.resume_from = None
+    yield
+    reconcile._UPLOAD_CURSOR.resume_from = None

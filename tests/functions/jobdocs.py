@@ -35,10 +35,11 @@ def put_queued_job(
     actor_id: str | None = None,
     queued_at: datetime | None = None,
     priority: int = 0,
+    job_id: str | None = None,
     **fields: Any,
 ) -> str:
     """A job as intake leaves it: queued, released, attempt 0; its actor follows it."""
-    job_id = new_id("job")
+    job_id = job_id or new_id("job")
     actor_id = actor_id or put_actor(db, owner)
     when = queued_at or datetime.now(UTC)
     data = {

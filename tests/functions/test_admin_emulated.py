@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from actorgen import admin, dispatch, schema
@@ -98,3 +98,29 @@ def test_other_console_edits_are_ignored(db: Any) -> None:
     stamp = ref.get().update_time
     assert admin.handle_job_update(job_id, before, after, SETTINGS, db=db) == AdminAction.IGNORE
     assert ref.get().update_time == stamp
+
+
+def test_a_failed_job_with_a_leftover_next_attempt_at_gets_a_fresh_budget(
+    db: Any, executor_factory: Any
+) -> None:
+    executor = executor_factory()
+    job_id = failed_job(db)
+    # Failed before the pipeline cleared nextAttemptAt on failure (e.g. by a stale trainer).
+    db.collection(JOBS).document(job_id).update(
+        {Field.NEXT_ATTEMPT_AT: datetime.now(UTC) - timedelta(hours=2)}
+    )
+    before, after = console_edit(db, job_id, **{Field.STATUS: JobStatus.QUEUED})
+    assert admin.handle_job_update(job_id, before, after, SETTINGS, db=db) == (
+        AdminAction.REDISPATCH
+    )
+    job = read(db, JOBS, job_id)
+    assert job[Field.MAX_ATTEMPTS] == 6 and job[Field.ERROR] is None
+    assert job[Field.ATTEMPT_HISTORY][-1][AttemptField.OUTCOME] == AttemptOutcome.ADMIN_REDISPATCH
+    # The same event delivered again changes nothing.
+    stamp = db.collection(JOBS).document(job_id).get().update_time
+    assert admin.handle_job_update(job_id, before, after, SETTINGS, db=db) == AdminAction.IGNORE
+    assert db.collection(JOBS).document(job_id).get().update_time == stamp
+
+    report = dispatch.run_dispatch_pass(SETTINGS, db=db, executor=executor)
+    assert report.submitted == [job_id]
+    assert read(db, JOBS, job_id)[Field.ATTEMPT] == 4

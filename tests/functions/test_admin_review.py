@@ -24,6 +24,17 @@ def test_failed_to_queued_by_hand_is_a_redispatch() -> None:
     assert admin.review_update(before, after) == AdminAction.REDISPATCH
 
 
+def test_failed_to_queued_is_a_redispatch_even_with_a_leftover_next_attempt_at() -> None:
+    leftover = {Field.NEXT_ATTEMPT_AT: NOW, Field.ATTEMPT: 3, Field.MAX_ATTEMPTS: 3}
+    before = doc(JobStatus.FAILED, **leftover)
+    after = doc(JobStatus.QUEUED, **leftover)
+    assert admin.review_update(before, after) == AdminAction.REDISPATCH
+    # The fresh budget is what makes it due again (3 of 3 attempts were used).
+    assert not is_due(Candidate.from_doc("j", {**after, Field.USER_ID: "u"}), NOW)
+    update = admin.redispatch_update(after, Settings(max_attempts=3), NOW)
+    assert is_due(Candidate.from_doc("j", {**after, **update, Field.USER_ID: "u"}), NOW)
+
+
 @pytest.mark.parametrize(
     "previous", [JobStatus.COMPLETED, JobStatus.REJECTED, JobStatus.CANCELLED, JobStatus.TRAINING]
 )

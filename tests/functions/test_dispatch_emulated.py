@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from actorgen import dispatch, schema, tasks
 from actorgen.config import Settings
-from actorgen.executors import ExecutorError, SubmitRequest
+from actorgen.executors import ExecutorError, ExecutorState, SubmitRequest
 from actorgen.executors.local import job_dir_name
 from actorgen.schema import AttemptField, AttemptOutcome, Field, JobStatus, ModelStatus
 
@@ -26,6 +29,8 @@ class Recording:
         self.kind = inner.kind
         self.fail_with = fail_with
         self.submits: list[tuple[str, int]] = []
+        #: Runs once, inside the next submit, before the create: "while it is in flight".
+        self.during_submit: Callable[[SubmitRequest], Any] | None = None
         self._lock = threading.Lock()
 
     def submit(self, request: SubmitRequest) -> Any:
@@ -33,6 +38,11 @@ class Recording:
             self.submits.append((request.job_id, request.attempt))
         if self.fail_with is not None:
             raise self.fail_with
+        hook, self.during_submit = self.during_submit, None
+        if hook is not None:
+            replaced = hook(request)
+            if replaced is not None:
+                return replaced
         return self.inner.submit(request)
 
     def find(self, job_id: str, attempt: int) -> Any:
@@ -125,8 +135,9 @@ def test_expired_lease_is_redriven_without_a_second_gpu_job(
 
     # While the lease holds, nobody touches it.
     assert dispatch.run_dispatch_pass(settings, db=db, executor=executor, now=now).redriven == []
+    later = now + timedelta(seconds=61)
     report = dispatch.run_dispatch_pass(
-        settings, db=db, executor=executor, now=now + timedelta(seconds=61)
+        settings, db=db, executor=executor, now=later, clock=lambda: later
     )
     assert report.redriven == [job_id] and report.submitted == [job_id]
     job = read(db, JOBS, job_id)
@@ -177,11 +188,13 @@ def test_submit_retries_are_bounded(db: Any, executor_factory: Any) -> None:
     assert job[Field.STATUS] == JobStatus.FAILED
     assert job[Field.ERROR] == (
         f"Training could not be started after {dispatch.MAX_SUBMIT_RETRIES + 1} tries: "
-        "quota exceeded"
+        "the training service is unavailable. Start the training again or contact support."
     )
+    assert job[Field.ATTEMPT_HISTORY][-1][AttemptField.ERROR] == "quota exceeded"
+    assert job[Field.NEXT_ATTEMPT_AT] is None
 
 
-def test_bad_configuration_fails_the_job_with_the_executors_message(db: Any) -> None:
+def test_bad_configuration_fails_the_job_with_a_short_message(db: Any) -> None:
     # Vertex without a trainer image: refused before any network call.
     settings = Settings(executor_kind="vertex", project="demo-actorgen", bucket="b")
     job_id = put_queued_job(db, "alice")
@@ -190,12 +203,130 @@ def test_bad_configuration_fails_the_job_with_the_executors_message(db: Any) -> 
     job = read(db, JOBS, job_id)
     assert job[Field.STATUS] == JobStatus.FAILED
     assert job[Field.ERROR] == (
-        "Training could not be started: the Vertex executor is misconfigured: the Vertex "
-        "executor needs trainer_image_uri to be set"
+        "Training could not be started: the training service refused the job. "
+        "Start the training again or contact support."
     )
+    # The executor's own words are for admins.
+    entry = job[Field.ATTEMPT_HISTORY][-1]
+    assert entry[AttemptField.OUTCOME] == AttemptOutcome.SUBMIT_FAILED
+    assert entry[AttemptField.ERROR] == (
+        "the Vertex executor is misconfigured: the Vertex executor needs trainer_image_uri "
+        "to be set"
+    )
+    assert job[Field.NEXT_ATTEMPT_AT] is None
     actor = read(db, schema.ACTORS, job[Field.ACTOR_ID])
     assert actor[Field.MODEL_STATUS] == ModelStatus.FAILED
     assert actor[Field.MODEL_ERROR] == job[Field.ERROR]
+
+
+def test_a_claim_late_in_a_long_pass_still_gets_a_full_lease(
+    db: Any, executor_factory: Any
+) -> None:
+    inner = executor_factory()
+    executor = Recording(inner)
+    settings = Settings(executor_kind="local", dispatch_lease_seconds=300,
+                        max_running_jobs=4, max_running_jobs_per_user=4)
+    # This pass started long ago (a slow reconcile, many submits before this one).
+    started = datetime.now(UTC) - timedelta(seconds=400)
+    job_id = put_queued_job(db, "alice", queued_at=started)
+    rivals: list[dispatch.DispatchReport] = []
+    leases: list[datetime] = []
+
+    def another_pass_meanwhile(request: SubmitRequest) -> None:
+        # While this create is in flight, the next minute's pass runs (real time).
+        leases.append(read(db, JOBS, job_id)[Field.LEASE_EXPIRES_AT])
+        rivals.append(dispatch.run_dispatch_pass(settings, db=db, executor=executor))
+
+    executor.during_submit = another_pass_meanwhile
+    report = dispatch.run_dispatch_pass(settings, db=db, executor=executor, now=started)
+    assert report.submitted == [job_id]
+    assert leases[0] > datetime.now(UTC) + timedelta(seconds=200)  # from the claim, not the pass
+    assert rivals[0].redriven == [] and rivals[0].submitted == []
+    assert executor.submits == [(job_id, 1)]  # one GPU job
+    assert started_processes(inner) == [job_dir_name(job_id, 1)]
+
+
+def test_a_second_executor_job_for_one_attempt_is_cancelled(
+    db: Any, executor_factory: Any
+) -> None:
+    inner = executor_factory()
+    executor = Recording(inner)
+    settings = Settings(executor_kind="local")
+    job_id = put_queued_job(db, "alice")
+    recorded: list[Any] = []
+
+    def two_creates_raced(request: SubmitRequest) -> Any:
+        # Another dispatcher created and recorded an executor job for this attempt
+        # first; this create does not see it (e.g. Vertex had not listed it yet) and
+        # makes a second one, under another name.
+        first = inner.submit(request)
+        db.collection(JOBS).document(job_id).update(
+            {Field.STATUS: JobStatus.DISPATCHED, Field.EXECUTOR_JOB_NAME: first.name,
+             Field.LEASE_OWNER: None, Field.LEASE_EXPIRES_AT: None}
+        )
+        recorded.append(first)
+        return inner.submit(SubmitRequest(request.job_id, request.attempt + 50, "alice"))
+
+    executor.during_submit = two_creates_raced
+    report = dispatch.run_dispatch_pass(settings, db=db, executor=executor)
+    assert inner.get(job_dir_name(job_id, 51)).state == ExecutorState.CANCELLED
+    assert inner.get(recorded[0].name).state == ExecutorState.RUNNING
+    job = read(db, JOBS, job_id)
+    assert job[Field.EXECUTOR_JOB_NAME] == recorded[0].name  # the recorded one stays
+    assert report.duplicates == [job_id] and report.submitted == []
+
+
+def test_a_redriven_job_with_cancel_requested_is_cancelled_not_submitted(
+    db: Any, executor_factory: Any
+) -> None:
+    inner = executor_factory()
+    settings = Settings(executor_kind="local")
+    job_id = put_queued_job(db, "alice")
+    now = datetime.now(UTC)
+    # A dispatcher claimed it, created the executor job, then died; then the user cancelled.
+    db.collection(JOBS).document(job_id).update(
+        {Field.STATUS: JobStatus.DISPATCHING, Field.ATTEMPT: 1, Field.LEASE_OWNER: "dead",
+         Field.LEASE_EXPIRES_AT: now - timedelta(seconds=1), Field.NEXT_ATTEMPT_AT: None,
+         Field.CANCEL_REQUESTED: True}
+    )
+    orphan = inner.submit(SubmitRequest(job_id, 1, "alice"))
+    executor = Recording(inner)
+
+    report = dispatch.run_dispatch_pass(settings, db=db, executor=executor)
+    job = read(db, JOBS, job_id)
+    assert job[Field.STATUS] == JobStatus.CANCELLED
+    assert executor.submits == [] and report.redriven == [] and report.submitted == []
+    assert inner.get(orphan.name).state == ExecutorState.CANCELLED
+    assert report.cancelled == [job_id]
+    assert job[Field.LEASE_OWNER] is None and job[Field.FINISHED_AT]
+    entry = job[Field.ATTEMPT_HISTORY][-1]
+    assert entry[AttemptField.OUTCOME] == AttemptOutcome.CANCELLED
+    assert entry[AttemptField.EXECUTOR_JOB_NAME] == orphan.name
+    assert read(db, schema.ACTORS, job[Field.ACTOR_ID])[Field.MODEL_STATUS] == ModelStatus.NONE
+
+
+def test_only_due_jobs_are_scanned_highest_priority_first(
+    db: Any, executor_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executor = executor_factory()
+    settings = Settings(executor_kind="local", max_running_jobs=1)
+    monkeypatch.setattr(dispatch, "QUEUED_SCAN_LIMIT", 2)
+    now = datetime.now(UTC)
+    # Jobs that cannot run now, named to come first in any unordered scan.
+    for i in range(3):  # backing off, at the top priority
+        put_queued_job(db, f"waiting{i}", job_id=f"a-waiting-{i}", priority=9,
+                       queued_at=now - timedelta(hours=1),
+                       **{Field.NEXT_ATTEMPT_AT: now + timedelta(hours=1)})
+    put_queued_job(db, "held", job_id="a-unreleased", **{Field.NEXT_ATTEMPT_AT: None})
+    put_queued_job(db, "low", job_id="z-low", queued_at=now - timedelta(minutes=10))
+    put_queued_job(db, "high", job_id="z-high", queued_at=now, priority=5)
+
+    report = dispatch.run_dispatch_pass(settings, db=db, executor=executor, now=now)
+    assert report.submitted == ["z-high"]
+    roomy = Settings(executor_kind="local", max_running_jobs=2)
+    assert dispatch.run_dispatch_pass(roomy, db=db, executor=executor, now=now).submitted == [
+        "z-low"
+    ]
 
 
 def test_unreleased_queued_job_is_not_dispatched(db: Any, executor_factory: Any) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from actorgen import jobs
+from actorgen import dispatch, jobs, reconcile, schema
 from actorgen.config import Settings
 from actorgen.dispatch import Candidate, is_due, plan_dispatch
 
@@ -77,3 +80,54 @@ def test_backoff_doubles_and_is_capped() -> None:
     assert [jobs.backoff_seconds(n, s) for n in (1, 2, 3, 4, 5, 100)] == [
         60, 120, 240, 480, 600, 600
     ]
+
+
+# --------------------------------------------------------------------------- indexes
+def required_index(query: Any) -> list[tuple[str, str]]:
+    """The composite index a query needs: its equality fields, then its effective order
+    (the explicit order, then any inequality field not in it, in the last direction)."""
+    from google.cloud.firestore_v1.types import StructuredQuery
+
+    pb = query._to_protobuf()
+    op = StructuredQuery.FieldFilter.Operator
+    filters = [f.field_filter for f in pb.where.composite_filter.filters] or [
+        pb.where.field_filter
+    ]
+    equal = sorted(f.field.field_path for f in filters if f.op in (op.EQUAL, op.IN))
+    ranged = sorted({f.field.field_path for f in filters} - set(equal))
+    names = {StructuredQuery.Direction.ASCENDING: "ASCENDING",
+             StructuredQuery.Direction.DESCENDING: "DESCENDING"}
+    order = [(o.field.field_path, names[o.direction]) for o in pb.order_by]
+    last = order[-1][1] if order else "ASCENDING"
+    order += [(f, last) for f in ranged if f not in dict(order)]
+    return [(f, "ASCENDING") for f in equal] + order
+
+
+def declared_indexes() -> list[list[tuple[str, str]]]:
+    data = json.loads((Path(__file__).resolve().parents[2] / "firestore.indexes.json").read_text())
+    return [[(f["fieldPath"], f["order"]) for f in index["fields"]]
+            for index in data["indexes"] if index["collectionGroup"] == schema.TRAINING_JOBS]
+
+
+def offline_jobs() -> Any:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import firestore
+
+    client = firestore.Client(project="demo-actorgen", credentials=AnonymousCredentials())
+    return client.collection(schema.TRAINING_JOBS)
+
+
+def test_the_queued_scan_reads_due_jobs_in_order_and_has_its_index() -> None:
+    query = dispatch.queued_scan(offline_jobs(), NOW)
+    assert required_index(query) == [
+        ("status", "ASCENDING"),
+        ("priority", "DESCENDING"),
+        ("queuedAt", "ASCENDING"),
+        ("nextAttemptAt", "ASCENDING"),
+    ]
+    assert required_index(query) in declared_indexes()
+
+
+def test_the_completed_job_check_has_its_index() -> None:
+    query = reconcile.recently_completed(offline_jobs(), NOW)
+    assert required_index(query) in declared_indexes()

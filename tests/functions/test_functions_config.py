@@ -13,6 +13,8 @@ def test_settings_defaults_are_the_params_defaults() -> None:
     assert s.max_images == 30
     assert s.executor_kind == "vertex"
     assert "stabilityai/stable-diffusion-xl-base-1.0" in s.allowed_base_models
+    # The upload sweep is bounded by default.
+    assert (s.upload_sweep_max_seconds, s.upload_sweep_max_objects) == (60, 20000)
 
 
 def test_load_settings_reads_the_environment_when_called(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -20,6 +22,7 @@ def test_load_settings_reads_the_environment_when_called(monkeypatch: pytest.Mon
     monkeypatch.setenv("EXECUTOR", " Local ")
     monkeypatch.setenv("ALLOWED_BASE_MODELS", "a/b, c/d,")
     monkeypatch.setenv("SCHEDULING_STRATEGY", "spot")
+    monkeypatch.setenv("UPLOAD_SWEEP_MAX_SECONDS", "30")
     monkeypatch.setenv("GCLOUD_PROJECT", "p1")
     monkeypatch.setenv("FIREBASE_CONFIG", '{"projectId": "p1", "storageBucket": "b1"}')
     monkeypatch.delenv("STORAGE_BUCKET", raising=False)
@@ -27,6 +30,7 @@ def test_load_settings_reads_the_environment_when_called(monkeypatch: pytest.Mon
     assert (s.min_images, s.executor_kind, s.scheduling_strategy) == (7, "local", "SPOT")
     assert s.allowed_base_models == ("a/b", "c/d")
     assert (s.project, s.bucket) == ("p1", "b1")
+    assert s.upload_sweep_max_seconds == 30
 
 
 def test_executor_settings_carry_the_values(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,6 +52,61 @@ def test_new_executor_state_is_observed() -> None:
     assert decision.action == Action.OBSERVE
 
 
+def observe(doc: dict[str, Any], executor_job: ExecutorJob, now: datetime) -> dict[str, Any]:
+    """The document after the reconciler recorded what it saw (asserts it was an OBSERVE)."""
+    decision = reconcile.decide(doc, executor_job, SETTINGS, now)
+    assert decision.action == Action.OBSERVE, decision
+    _, update = reconcile.apply_update(doc, decision, executor_job, SETTINGS, now)
+    return {**doc, **update}
+
+
+def test_a_job_that_waited_in_the_executor_queue_is_not_stale_when_it_starts() -> None:
+    # Dispatched 30 minutes ago (timeout 10), provisioning (FLEX_START/SPOT) all along.
+    waited = job(JobStatus.DISPATCHED, **{Field.HEARTBEAT_AT: None,
+                                          Field.EXECUTOR_STATE: "JOB_STATE_PENDING"})
+    pending = ExecutorJob("exec-1", ExecutorState.QUEUED, None, "JOB_STATE_PENDING")
+    running = ExecutorJob("exec-1", ExecutorState.RUNNING, None, "JOB_STATE_RUNNING")
+    assert reconcile.decide(waited, pending, SETTINGS, NOW).action == Action.NONE
+    # First seen running: recorded with its time, never stale on that pass.
+    seen = observe(waited, running, NOW)
+    assert seen[Field.EXECUTOR_STATE] == "JOB_STATE_RUNNING"
+    assert seen[Field.EXECUTOR_STATE_AT] == NOW
+    assert reconcile.heartbeat_reference(seen) == NOW
+    # The trainer now has the full timeout to write its first heartbeat...
+    assert reconcile.decide(seen, running, SETTINGS, NOW + timedelta(minutes=9)).action == (
+        Action.NONE
+    )
+    # ...and is stale after it.
+    late = reconcile.decide(seen, running, SETTINGS, NOW + timedelta(minutes=11))
+    assert (late.action, late.outcome) == (Action.RETRY, AttemptOutcome.STALE)
+
+
+def test_a_worker_restarted_after_preemption_is_not_killed() -> None:
+    # Training, last heartbeat 8 minutes ago; the VM is preempted and Vertex restarts it.
+    training = job(**{Field.EXECUTOR_STATE: "JOB_STATE_RUNNING",
+                      Field.HEARTBEAT_AT: NOW - timedelta(minutes=8)})
+    restarting = ExecutorJob("exec-1", ExecutorState.QUEUED, None, "JOB_STATE_PENDING")
+    running = ExecutorJob("exec-1", ExecutorState.RUNNING, None, "JOB_STATE_RUNNING")
+    preempted = observe(training, restarting, NOW)
+    # Running again 6 minutes later: 14 minutes without a heartbeat, but just restarted.
+    back = observe(preempted, running, NOW + timedelta(minutes=6))
+    assert reconcile.decide(back, running, SETTINGS, NOW + timedelta(minutes=8)).action == (
+        Action.NONE
+    )
+    # The restarted trainer does have to report within the timeout.
+    stale = reconcile.decide(back, running, SETTINGS, NOW + timedelta(minutes=17))
+    assert stale.outcome == AttemptOutcome.STALE
+
+
+def test_unchanged_state_is_not_stamped_again() -> None:
+    doc = job(**{Field.EXECUTOR_JOB_NAME: None, Field.EXECUTOR_STATE_AT: NOW})
+    later = NOW + timedelta(seconds=1)
+    decision = reconcile.decide(doc, ex(ExecutorState.RUNNING), SETTINGS, later)
+    assert decision.action == Action.OBSERVE  # only the name was missing
+    _, update = reconcile.apply_update(doc, decision, ex(ExecutorState.RUNNING), SETTINGS, later)
+    assert Field.EXECUTOR_STATE_AT not in update
+
+
 @pytest.mark.parametrize(
     ("state", "error", "outcome", "words"),
     [
@@ -92,17 +147,57 @@ def test_trainer_that_never_started_goes_stale_from_dispatch_time() -> None:
     )
 
 
-def test_last_attempt_fails_the_job_with_the_executors_error() -> None:
-    last = job(attempt=3)
-    decision = reconcile.decide(last, ex(ExecutorState.FAILED, "exit code 1"), SETTINGS, NOW)
+def test_last_attempt_fails_the_job_with_a_short_message_and_keeps_the_raw_error() -> None:
+    last = job(attempt=3, **{Field.NEXT_ATTEMPT_AT: NOW - timedelta(hours=1)})
+    raw = "trainer exited with code 1: Traceback (most recent call last): ... gs://b/jobs/x"
+    decision = reconcile.decide(last, ex(ExecutorState.FAILED, raw), SETTINGS, NOW)
     assert decision.action == Action.FAIL
     status, update = reconcile.apply_update(last, decision, ex(ExecutorState.FAILED), SETTINGS,
                                             NOW)
     assert status == JobStatus.FAILED
-    assert update[Field.ERROR] == "Training failed after 3 attempts: exit code 1"
-    assert update[Field.ATTEMPT_HISTORY][-1][AttemptField.OUTCOME] == (
-        AttemptOutcome.EXECUTOR_FAILED
+    # The user sees a short sentence; the executor's text is for admins, in the history.
+    assert update[Field.ERROR] == (
+        "Training failed after 3 attempts: the training machine stopped unexpectedly. "
+        "Start the training again or contact support."
     )
+    entry = update[Field.ATTEMPT_HISTORY][-1]
+    assert entry[AttemptField.OUTCOME] == AttemptOutcome.EXECUTOR_FAILED
+    assert entry[AttemptField.ERROR] == raw
+    assert update[Field.NEXT_ATTEMPT_AT] is None  # a failed job is never due
+
+
+def test_the_trainers_own_message_is_what_a_failed_job_shows() -> None:
+    said = "The base model could not be downloaded: it is gated; ask an admin for access."
+    last = job(attempt=3, **{Field.ERROR: said})
+    decision = reconcile.decide(last, ex(ExecutorState.FAILED, "exit code 1"), SETTINGS, NOW)
+    _, update = reconcile.apply_update(last, decision, ex(ExecutorState.FAILED), SETTINGS, NOW)
+    assert update[Field.ERROR] == f"Training failed after 3 attempts: {said}"
+    assert update[Field.ATTEMPT_HISTORY][-1][AttemptField.ERROR] == said
+
+
+@pytest.mark.parametrize(
+    ("state", "outcome", "words"),
+    [
+        (None, AttemptOutcome.LOST, "disappeared from the training service"),
+        (ExecutorState.SUCCEEDED, AttemptOutcome.NO_COMPLETION, "without producing a model"),
+        (ExecutorState.EXPIRED, AttemptOutcome.EXECUTOR_FAILED, "no training machine became"),
+        (ExecutorState.RUNNING, AttemptOutcome.STALE, "stopped responding"),
+    ],
+)
+def test_failed_jobs_never_show_raw_executor_text(
+    state: ExecutorState | None, outcome: str, words: str
+) -> None:
+    last = job(attempt=1, **{Field.MAX_ATTEMPTS: 1,
+                              Field.HEARTBEAT_AT: NOW - timedelta(hours=1)})
+    executor_job = ex(state, "projects/p/locations/l/customJobs/123: gs://bucket/x") if state else (
+        None
+    )
+    decision = reconcile.decide(last, executor_job, SETTINGS, NOW)
+    assert (decision.action, decision.outcome) == (Action.FAIL, outcome)
+    _, update = reconcile.apply_update(last, decision, executor_job, SETTINGS, NOW)
+    assert update[Field.ERROR].startswith("Training failed in its only attempt: ")
+    assert words in update[Field.ERROR]
+    assert "gs://" not in update[Field.ERROR] and "projects/" not in update[Field.ERROR]
 
 
 def test_retry_requeues_with_exponential_backoff_and_history() -> None:

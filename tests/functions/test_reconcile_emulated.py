@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from actorgen import admin, reconcile, schema
 from actorgen.config import Settings
-from actorgen.executors import ExecutorState
+from actorgen.executors import ExecutorJob, ExecutorState, SubmitRequest
 from actorgen.reconcile import Action
 from actorgen.schema import AttemptField, AttemptOutcome, Field, JobStatus, ModelStatus
 
@@ -72,11 +73,15 @@ def test_failed_attempts_are_retried_with_backoff_then_the_job_fails(
     assert report.reconciled == {job_id: Action.FAIL}
     job = read(db, JOBS, job_id)
     assert job[Field.STATUS] == JobStatus.FAILED
-    assert job[Field.ERROR].startswith(
-        "Training failed after 2 attempts: trainer exited with code 1"
+    # The user reads a short sentence; the executor's log tail stays in the history.
+    assert job[Field.ERROR] == (
+        "Training failed after 2 attempts: the training machine stopped unexpectedly. "
+        "Start the training again or contact support."
     )
-    assert "CUDA out of memory" in job[Field.ERROR]
+    assert job[Field.NEXT_ATTEMPT_AT] is None
     assert len(job[Field.ATTEMPT_HISTORY]) == 2
+    last = job[Field.ATTEMPT_HISTORY][-1][AttemptField.ERROR]
+    assert last.startswith("trainer exited with code 1") and "CUDA out of memory" in last
     actor = read(db, schema.ACTORS, actor_id)
     assert actor[Field.MODEL_STATUS] == ModelStatus.FAILED
     assert actor[Field.MODEL_ERROR] == job[Field.ERROR]
@@ -136,7 +141,8 @@ def test_stale_heartbeat_stops_the_trainer_and_requeues(
     assert maintain(db, bucket, executor, now + timedelta(seconds=300)).reconciled == {}
     assert executor.get(name).state == ExecutorState.RUNNING
 
-    report = maintain(db, bucket, executor, now + timedelta(seconds=601))
+    # (630: dispatchedAt is the real time of the submission, a moment after `now`.)
+    report = maintain(db, bucket, executor, now + timedelta(seconds=630))
     assert report.reconciled == {job_id: Action.RETRY}
     assert executor.get(name).state == ExecutorState.CANCELLED  # no zombie holds the GPU
     job = read(db, JOBS, job_id)
@@ -189,3 +195,128 @@ def test_cancel_request_on_a_running_job_stops_it(
     assert job[Field.STATUS] == JobStatus.CANCELLED
     assert job[Field.ATTEMPT_HISTORY][-1][AttemptField.OUTCOME] == AttemptOutcome.CANCELLED
     assert executor.get(job[Field.EXECUTOR_JOB_NAME]).state == ExecutorState.CANCELLED
+
+
+class Scripted:
+    """An executor whose one job is in whatever state the test sets (no processes)."""
+
+    kind = "vertex"
+
+    def __init__(self, name: str) -> None:
+        self.job = ExecutorJob(name, ExecutorState.QUEUED, None, "JOB_STATE_PENDING")
+        self.cancelled: list[str] = []
+
+    def set(self, state: ExecutorState, raw: str) -> None:
+        self.job = ExecutorJob(self.job.name, state, None, raw)
+
+    def find(self, job_id: str, attempt: int) -> ExecutorJob:
+        return self.job
+
+    def get(self, name: str) -> ExecutorJob:
+        return self.job
+
+    def cancel(self, name: str) -> None:
+        self.cancelled.append(name)
+
+    def submit(self, request: SubmitRequest) -> ExecutorJob:
+        raise AssertionError("nothing is dispatched in this test")
+
+
+def test_a_job_that_waited_for_capacity_gets_a_full_heartbeat_window(
+    db: Any, bucket: Any
+) -> None:
+    executor = Scripted("projects/p/locations/l/customJobs/1")
+    t0 = datetime.now(UTC)
+    job_id = put_queued_job(db, "alice")
+    db.collection(JOBS).document(job_id).update(
+        {Field.STATUS: JobStatus.DISPATCHED, Field.ATTEMPT: 1, Field.NEXT_ATTEMPT_AT: None,
+         Field.EXECUTOR_JOB_NAME: executor.job.name, Field.EXECUTOR_STATE: "JOB_STATE_PENDING",
+         Field.DISPATCHED_AT: t0 - timedelta(minutes=40)}
+    )
+    # FLEX_START: 40 minutes waiting for a GPU is no reason to give up.
+    assert maintain(db, bucket, executor, t0).reconciled == {}
+
+    executor.set(ExecutorState.RUNNING, "JOB_STATE_RUNNING")
+    assert maintain(db, bucket, executor, t0).reconciled == {job_id: Action.OBSERVE}
+    job = read(db, JOBS, job_id)
+    assert (job[Field.STATUS], job[Field.EXECUTOR_STATE]) == (
+        JobStatus.DISPATCHED, "JOB_STATE_RUNNING"
+    )
+    assert job[Field.EXECUTOR_STATE_AT] == t0
+    assert executor.cancelled == []
+
+    # The trainer has the whole timeout from there to report...
+    assert maintain(db, bucket, executor, t0 + timedelta(minutes=9)).reconciled == {}
+    # ...and is stale (its executor job stopped) once that is over.
+    report = maintain(db, bucket, executor, t0 + timedelta(minutes=11))
+    assert report.reconciled == {job_id: Action.RETRY}
+    assert executor.cancelled == [executor.job.name]
+    entry = read(db, JOBS, job_id)[Field.ATTEMPT_HISTORY][-1]
+    assert entry[AttemptField.OUTCOME] == AttemptOutcome.STALE
+
+
+def test_a_completed_jobs_leftover_executor_job_is_cancelled(
+    db: Any, bucket: Any, executor_factory: Any
+) -> None:
+    executor = executor_factory("hang")
+    now = datetime.now(UTC)
+
+    def completed_with_running_executor_job(finished_ago: timedelta) -> tuple[str, str]:
+        job_id = put_queued_job(db, "alice")
+        # Attempt 1 finished late and completed the job while attempt 2 was submitted.
+        newer = executor.submit(SubmitRequest(job_id, 2, "alice"))
+        db.collection(JOBS).document(job_id).update(
+            {Field.STATUS: JobStatus.COMPLETED, Field.ATTEMPT: 2, Field.NEXT_ATTEMPT_AT: None,
+             Field.EXECUTOR_JOB_NAME: newer.name, Field.EXECUTOR_STATE: "running",
+             Field.FINISHED_AT: now - finished_ago, Field.TRAINED_MODEL_ID: job_id}
+        )
+        return job_id, newer.name
+
+    leftover, leftover_name = completed_with_running_executor_job(timedelta(minutes=15))
+    # Just completed: its trainer may still be exiting; left alone for now.
+    recent, recent_name = completed_with_running_executor_job(timedelta(minutes=2))
+    stamp = db.collection(JOBS).document(leftover).get().update_time
+
+    report = maintain(db, bucket, executor, now)
+    assert executor.get(leftover_name).state == ExecutorState.CANCELLED
+    assert executor.get(recent_name).state == ExecutorState.RUNNING
+    assert report.stopped == [leftover]
+    # Completed stays completed, untouched.
+    assert db.collection(JOBS).document(leftover).get().update_time == stamp
+    assert read(db, JOBS, leftover)[Field.STATUS] == JobStatus.COMPLETED
+    # Later, past the grace, the other one is stopped too; nothing is cancelled twice.
+    assert maintain(db, bucket, executor, now + timedelta(minutes=9)).stopped == [recent]
+
+
+class EndlessListing:
+    """A bucket with more objects than any sweep may list; notes when it was listed."""
+
+    def __init__(self, inner: Any, on_list: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.on_list = on_list
+        self.listed = 0
+
+    def list_blobs(self, **options: Any) -> Any:
+        self.on_list()
+        old = datetime(2020, 1, 1, tzinfo=UTC)  # past the sweep's age limit: never validated
+        for i in range(100_000):
+            self.listed += 1
+            yield SimpleNamespace(name=f"users/u{i:07d}/actors/a/images/p.jpg", updated=old,
+                                  time_created=old, generation=1, size=1)
+        raise AssertionError("the upload sweep listed without a limit")
+
+
+def test_reconcile_and_dispatch_run_before_a_bounded_upload_sweep(
+    db: Any, bucket: Any, executor_factory: Any
+) -> None:
+    executor = executor_factory("hang")
+    job_id = put_queued_job(db, "alice")
+    seen: list[str] = []
+    huge = EndlessListing(bucket, lambda: seen.append(read(db, JOBS, job_id)[Field.STATUS]))
+    settings = Settings(executor_kind="local", upload_sweep_max_objects=500)
+    report = reconcile.run_maintenance(settings, db=db, bucket=huge, executor=executor)
+    assert report.errors == []
+    assert report.dispatched == [job_id]
+    assert seen == [JobStatus.DISPATCHED]  # the job was dispatched before Storage was listed
+    assert huge.listed == 501  # the one over the budget is where the next sweep resumes
