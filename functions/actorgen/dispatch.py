@@ -464,7 +464,7 @@ def _record_failure(
             or jobs.as_int(job.get(Field.ATTEMPT)) != claim.attempt
         ):
             return None
-        actor_ref, actor = _read_actor(db, transaction, job)
+        actor_ref, actor = jobs.read_actor(db, transaction, job)
         past = jobs.history(job)
         retries = 1 + sum(
             1
@@ -551,7 +551,7 @@ def _cancel_unsubmitted(
             or job.get(Field.LEASE_OWNER) != claim.owner
         ):
             return False  # recorded meanwhile: the reconciler cancels it as any other
-        actor_ref, actor = _read_actor(db, transaction, job)
+        actor_ref, actor = jobs.read_actor(db, transaction, job)
         at = clock()
         name = found.name if found is not None else None
         entry = jobs.history_entry(
@@ -581,15 +581,3 @@ def _cancel_unsubmitted(
         log.info("job %s: cancelled on request instead of re-driving its submission",
                  claim.job_id)
         report.cancelled.append(claim.job_id)
-
-
-def _read_actor(
-    db: FirestoreClient, transaction: Any, job: Mapping[str, Any]
-) -> tuple[Any, dict[str, Any] | None]:
-    """The job's actor (ref, data) read in ``transaction``; (None, None) when unusable."""
-    actor_id = job.get(Field.ACTOR_ID)
-    if not isinstance(actor_id, str) or not actor_id or "/" in actor_id:
-        return None, None
-    ref = db.collection(schema.ACTORS).document(actor_id)
-    snap = ref.get(transaction=transaction)
-    return ref, (snap.to_dict() if snap.exists else None)

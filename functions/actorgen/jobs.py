@@ -10,6 +10,8 @@ from actorgen import schema
 from actorgen.schema import AttemptField, Field, JobStatus
 
 if TYPE_CHECKING:
+    from google.cloud.firestore import Client as FirestoreClient
+
     from actorgen.config import Settings
 
 
@@ -93,3 +95,15 @@ def actor_update_for(
     if all(actor.get(k) == v for k, v in update.items()):
         return None  # nothing changes: spare the write
     return update
+
+
+def read_actor(
+    db: FirestoreClient, transaction: Any, job: Mapping[str, Any]
+) -> tuple[Any, dict[str, Any] | None]:
+    """The job's actor (ref, data) read in ``transaction``; (None, None) when unusable."""
+    actor_id = job.get(Field.ACTOR_ID)
+    if not isinstance(actor_id, str) or not actor_id or "/" in actor_id:
+        return None, None
+    ref = db.collection(schema.ACTORS).document(actor_id)
+    snap = ref.get(transaction=transaction)
+    return ref, (snap.to_dict() if snap.exists else None)

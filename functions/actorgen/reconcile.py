@@ -372,7 +372,7 @@ def _record(
         status, update = apply_update(job, decision, executor_job, settings, now)
         if not update:
             return Action.NONE
-        actor_ref, actor = _read_actor(db, transaction, job)
+        actor_ref, actor = jobs.read_actor(db, transaction, job)
         if status is not None:
             schema.check_transition(job.get(Field.STATUS), status)
         transaction.update(job_ref, update)
@@ -415,7 +415,7 @@ def cancel_job(
         fresh = fresh_snap.to_dict() if fresh_snap.exists else None
         if fresh is None or (fresh.get(Field.STATUS) or JobStatus.PENDING) not in CANCEL_DIRECTLY:
             return False
-        actor_ref, actor = _read_actor(db, transaction, fresh)
+        actor_ref, actor = jobs.read_actor(db, transaction, fresh)
         schema.check_transition(fresh.get(Field.STATUS), JobStatus.CANCELLED)
         transaction.update(
             job_ref,
@@ -432,17 +432,6 @@ def cancel_job(
         return True
 
     return run_in_transaction(db, cancel)
-
-
-def _read_actor(
-    db: FirestoreClient, transaction: Any, job: Mapping[str, Any]
-) -> tuple[Any, dict[str, Any] | None]:
-    actor_id = job.get(Field.ACTOR_ID)
-    if not isinstance(actor_id, str) or not actor_id or "/" in actor_id:
-        return None, None
-    ref = db.collection(schema.ACTORS).document(actor_id)
-    snap = ref.get(transaction=transaction)
-    return ref, (snap.to_dict() if snap.exists else None)
 
 
 def run_reconcile_pass(
