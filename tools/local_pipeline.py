@@ -97,5 +97,5 @@ def local_functions_env(
         "ACTORGEN_WORK_DIR": str(work_dir / "trainer"),
         "OMP_NUM_THREADS": "2",
         # Short sample renders and a small disk floor: a tiny model on a laptop.
-        "ACTORGEN_TRAINER_ARGS": "--sample-steps 8 --num-samples 2 --min-free-disk-mb 200",
+        "TRAINER_ARGS": "--sample-steps 8 --num-samples 2 --min-free-disk-mb 200",
     }

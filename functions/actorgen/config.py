@@ -187,6 +187,12 @@ SWEEP_MAX_AGE_SECONDS = IntParam(
     default=7 * 24 * 3600,
     description="Uploads older than this are no longer swept (orphans stop being retried).",
 )
+TRAINER_ARGS = StringParam(
+    "TRAINER_ARGS",
+    default="",
+    description="Extra `python -m lora_trainer` options for every job, e.g. '--compile' for "
+    "long trainings or '--checkpoint-every 100' (see the trainer's --help).",
+)
 UPLOAD_SWEEP_MAX_SECONDS = IntParam(
     "UPLOAD_SWEEP_MAX_SECONDS",
     default=60,
@@ -223,6 +229,7 @@ class Settings:
     local_trainer_python: str = LOCAL_TRAINER_PYTHON.default
     local_workdir: str = LOCAL_WORKDIR.default
     hf_token_secret: str = HF_TOKEN_SECRET.default
+    trainer_args: str = TRAINER_ARGS.default
     allowed_base_models: tuple[str, ...] = tuple(ALLOWED_BASE_MODELS.default)
     min_images: int = MIN_IMAGES.default
     max_images: int = MAX_IMAGES.default
@@ -244,7 +251,13 @@ class Settings:
     def executor_settings(self) -> ExecutorSettings:
         """The executor's configuration (imported lazily: only dispatch needs it)."""
         from actorgen.executors.settings import ExecutorSettings
-        from actorgen.schema import ENV_HF_TOKEN_SECRET
+        from actorgen.schema import ENV_HF_TOKEN_SECRET, ENV_TRAINER_ARGS
+
+        extra_env = {}
+        if self.hf_token_secret:
+            extra_env[ENV_HF_TOKEN_SECRET] = self.hf_token_secret
+        if self.trainer_args:
+            extra_env[ENV_TRAINER_ARGS] = self.trainer_args
 
         return ExecutorSettings(
             kind=self.executor_kind,
@@ -261,9 +274,7 @@ class Settings:
             api_endpoint=self.vertex_api_endpoint,
             local_python=self.local_trainer_python,
             local_workdir=self.local_workdir,
-            extra_env=(
-                {ENV_HF_TOKEN_SECRET: self.hf_token_secret} if self.hf_token_secret else {}
-            ),
+            extra_env=extra_env,
         )
 
 
@@ -285,6 +296,7 @@ def load_settings() -> Settings:
         local_trainer_python=LOCAL_TRAINER_PYTHON.value,
         local_workdir=LOCAL_WORKDIR.value,
         hf_token_secret=HF_TOKEN_SECRET.value,
+        trainer_args=TRAINER_ARGS.value.strip(),
         allowed_base_models=tuple(m.strip() for m in ALLOWED_BASE_MODELS.value if m.strip()),
         min_images=MIN_IMAGES.value,
         max_images=MAX_IMAGES.value,

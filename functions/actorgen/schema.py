@@ -574,6 +574,9 @@ ENV_BUCKET: Final = "ACTORGEN_BUCKET"
 #: Name of the Secret Manager secret with a Hugging Face token (gated base models); the
 #: trainer reads the secret itself, so the token never appears in a job spec.
 ENV_HF_TOKEN_SECRET: Final = "ACTORGEN_HF_TOKEN_SECRET"
+#: Extra trainer options for every job of a deployment (e.g. "--compile"), placed
+#: before the command line's own, which win.
+ENV_TRAINER_ARGS: Final = "ACTORGEN_TRAINER_ARGS"
 
 
 def trainer_args(job_id: str, attempt: int) -> list[str]:

@@ -44,3 +44,15 @@ def test_executor_settings_carry_the_values(monkeypatch: pytest.MonkeyPatch) -> 
     )
     assert e.extra_env == {schema.ENV_HF_TOKEN_SECRET: "hf-token"}
     assert Settings().executor_settings().extra_env == {}
+
+
+def test_trainer_options_and_token_secret_name_reach_the_executor_env() -> None:
+    from actorgen import schema
+    from actorgen.config import Settings
+
+    env = Settings(trainer_args="--compile", hf_token_secret="hf-token").executor_settings()
+    assert env.extra_env == {
+        schema.ENV_TRAINER_ARGS: "--compile",
+        schema.ENV_HF_TOKEN_SECRET: "hf-token",
+    }
+    assert Settings().executor_settings().extra_env == {}

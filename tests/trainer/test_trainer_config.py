@@ -106,8 +106,8 @@ def test_disk_space_precondition(tmp_path: Path) -> None:
 def test_env_trainer_args_are_defaults_the_command_line_overrides(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from lora_trainer.__main__ import ENV_TRAINER_ARGS, parse_args, with_env_defaults
+    from lora_trainer.__main__ import parse_args, with_env_defaults
 
-    monkeypatch.setenv(ENV_TRAINER_ARGS, "--sample-steps 8 --num-samples 2")
+    monkeypatch.setenv(schema.ENV_TRAINER_ARGS, "--sample-steps 8 --num-samples 2")
     args = parse_args(with_env_defaults(["--job-id", "j1", "--num-samples", "3"]))
     assert (args.job_id, args.sample_steps, args.num_samples) == ("j1", 8, 3)

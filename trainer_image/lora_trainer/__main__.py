@@ -69,13 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-#: Extra command-line options from the environment, placed before the real ones.
-ENV_TRAINER_ARGS = "ACTORGEN_TRAINER_ARGS"
-
-
 def with_env_defaults(argv: list[str]) -> list[str]:
     """``argv`` behind the options of ``ACTORGEN_TRAINER_ARGS`` (the later option wins)."""
-    return shlex.split(os.environ.get(ENV_TRAINER_ARGS, "")) + list(argv)
+    return shlex.split(os.environ.get(schema.ENV_TRAINER_ARGS, "")) + list(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
