@@ -98,3 +98,18 @@ def test_stop_request_checkpoints_then_raises(tiny_sd: Path, face_pixels: torch.
     else:
         raise AssertionError("expected Preempted")
     assert saved == [3] and trainer.step == 3
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+@pytest.mark.parametrize("base_name", ["tiny_sd", "tiny_sdxl"])
+def test_pure_bf16_trains_without_autocast(base_name: str, face_pixels: torch.Tensor,
+                                           request: pytest.FixtureRequest) -> None:
+    trainer = _trainer(request.getfixturevalue(base_name), face_pixels, max_train_steps=40,
+                       mixed_precision="bf16-pure")
+    assert trainer.accelerator.mixed_precision == "no" and trainer.compute_dtype == torch.bfloat16
+    assert next(trainer.unet.parameters()).dtype == torch.bfloat16  # frozen weights
+    assert all(p.dtype == torch.float32 for p in trainer.params)  # LoRA and optimiser state
+    before = trainer.fixed_noise_loss()
+    result = trainer.run(40, report_every_seconds=1e9, progress_bar=False)
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
+    assert trainer.fixed_noise_loss() < before

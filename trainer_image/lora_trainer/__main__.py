@@ -18,6 +18,8 @@ from pathlib import Path
 
 from actorgen import schema
 
+from .config import MIXED_PRECISION_CHOICES
+
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-checkpoints", type=int, default=None)
     p.add_argument("--report-every", type=float, default=None, dest="report_every_seconds",
                    help="seconds between progress writes to the job document")
-    p.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default=None)
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES, default=None)
     p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default=None)
     p.add_argument("--caption-template", default=None,
                    help='e.g. "a photo of {instance} {class_word}"')

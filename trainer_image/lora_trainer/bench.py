@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .config import MIXED_PRECISION_CHOICES
+
 MODELS = {"sd15": "sd", "sdxl": "sdxl"}
 
 
@@ -161,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=0, help="0: native (512 / 1024)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--images", type=int, default=8, help="synthetic photos in the cache")
-    p.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES, default="auto")
     p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--prior", action="store_true", help="prior preservation (2x samples)")

@@ -71,20 +71,23 @@ class LoadedModel:
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, torch.dtype]:
     """(accelerate mixed_precision, dtype of frozen weights) for ``requested`` on ``device``.
 
-    ``auto`` is bf16 where the GPU supports it, fp16 (with loss scaling) on
-    older GPUs, and fp32 on the CPU, where half precision is slow and fp16
-    autocast is unsupported.
+    ``auto`` is pure bf16 (bf16 frozen weights without autocast) where the GPU
+    supports bf16, fp16 autocast (with loss scaling) on older GPUs, and fp32 on
+    the CPU, where half precision is slow and fp16 autocast is unsupported.
     """
     if requested == "auto":
         if device.type != "cuda":
             requested = "no"
         elif torch.cuda.is_bf16_supported():
-            requested = "bf16"
+            # Measured on an H200 (docs/trainer.md): 18% more samples/s than bf16
+            # autocast, with the same loss curve; LoRA weights stay fp32 either way.
+            requested = "bf16-pure"
         else:
             requested = "fp16"
     if requested == "fp16" and device.type != "cuda":
         raise ModelLoadError("fp16 mixed precision needs a CUDA GPU")
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[requested]
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+             "bf16-pure": torch.bfloat16}[requested]
     return requested, dtype
 
 

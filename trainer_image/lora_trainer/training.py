@@ -72,8 +72,11 @@ class LoraTrainer:
         self.data = data
         self.params = params
         self.device = model.device
+        # bf16-pure: no autocast; inputs are cast once to the frozen weights' dtype.
+        self.compute_dtype = model.weight_dtype if mixed_precision == "bf16-pure" else None
         self.accelerator = Accelerator(
-            mixed_precision=mixed_precision, cpu=model.device.type == "cpu"
+            mixed_precision="no" if self.compute_dtype else mixed_precision,
+            cpu=model.device.type == "cpu",
         )
         self.modules = lora_modules(model, config)
         optimizer = torch.optim.AdamW(
@@ -145,6 +148,17 @@ class LoraTrainer:
             }
         return hidden, added
 
+    def _compute_inputs(
+        self, noisy: torch.Tensor, hidden: torch.Tensor, added: dict[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The UNet's inputs in its compute dtype (a no-op under autocast)."""
+        dtype = self.compute_dtype
+        if dtype is None:
+            return noisy, hidden, added
+        if added is not None:
+            added = {k: v.to(dtype) for k, v in added.items()}
+        return noisy.to(dtype), hidden.to(dtype), added
+
     def _loss(self, latents: torch.Tensor, hidden: torch.Tensor,
               added: dict[str, torch.Tensor] | None, noise: torch.Tensor,
               timesteps: torch.Tensor) -> torch.Tensor:
@@ -154,6 +168,7 @@ class LoraTrainer:
         noisy = a * latents + s * noise
         if self.device.type == "cuda":
             noisy = noisy.contiguous(memory_format=torch.channels_last)
+        noisy, hidden, added = self._compute_inputs(noisy, hidden, added)
         pred = self.unet(noisy, timesteps, encoder_hidden_states=hidden,
                          added_cond_kwargs=added, return_dict=False)[0]
         target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
@@ -215,7 +230,8 @@ class LoraTrainer:
                     added = {k: v[:n] for k, v in added.items()}
                 a = self._sqrt_alpha[ts].view(-1, 1, 1, 1)
                 s = self._sqrt_one_minus_alpha[ts].view(-1, 1, 1, 1)
-                pred = self.unet(a * latents + s * noise, ts, encoder_hidden_states=hidden,
+                noisy, hidden, added = self._compute_inputs(a * latents + s * noise, hidden, added)
+                pred = self.unet(noisy, ts, encoder_hidden_states=hidden,
                                  added_cond_kwargs=added, return_dict=False)[0]
             target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
             total += F.mse_loss(pred.float(), target.float()).item()
