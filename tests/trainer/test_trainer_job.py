@@ -31,16 +31,18 @@ A = schema.ArtifactName
 MV = schema.ModelVersionField
 
 
-def _command(job: SeededJob, emulators: Any, work: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lora_trainer", *schema.trainer_args(job.job_id, 1),
+def _command(job: SeededJob, emulators: Any, work: Path, *extra: str,
+             attempt: int = 1) -> list[str]:
+    return [sys.executable, "-m", "lora_trainer", *schema.trainer_args(job.job_id, attempt),
             "--project", emulators.project, "--bucket", emulators.bucket,
             "--work-dir", str(work), *TOY_ARGS, *extra]
 
 
 def _run_cli(job: SeededJob, emulators: Any, work: Path, *extra: str,
-             timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_command(job, emulators, work, *extra), env=trainer_env(emulators.env),
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+             timeout: float = 240, attempt: int = 1) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_command(job, emulators, work, *extra, attempt=attempt),
+                          env=trainer_env(emulators.env), cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _run_in_process(job: SeededJob, emulators: Any, work: Path, steps: int = 3,
@@ -129,8 +131,10 @@ def test_whole_job_from_documents_to_published_lora(emulators: Any, db: Any, buc
     assert job.job(db)[F.STATUS] == S.COMPLETED
 
 
+@pytest.mark.parametrize("next_attempt", [False, True], ids=["same-attempt", "next-attempt"])
 def test_killed_run_resumes_to_the_same_step_count(emulators: Any, db: Any, bucket: Any,
-                                                   tiny_sd: Path, tmp_path: Path) -> None:
+                                                   tiny_sd: Path, tmp_path: Path,
+                                                   next_attempt: bool) -> None:
     total = 300
     job = seed_job(db, bucket, tiny_sd, images=3)
     ckpt_prefix = schema.checkpoint_prefix(job.job_id, 1)
@@ -155,9 +159,18 @@ def test_killed_run_resumes_to_the_same_step_count(emulators: Any, db: Any, buck
     assert killed_at[F.STATUS] in (S.PREPARING, S.TRAINING)
     assert proc.returncode == -signal.SIGKILL
 
-    result = _run_cli(job, emulators, tmp_path / "w2", *args)
+    if next_attempt:
+        # The reconciler gave up on attempt 1 (say its SPOT VM was taken away and not
+        # restarted) and dispatched attempt 2: it continues from attempt 1's checkpoint.
+        db.collection(schema.TRAINING_JOBS).document(job.job_id).update(
+            {F.STATUS: S.DISPATCHED, F.ATTEMPT: 2})
+    result = _run_cli(job, emulators, tmp_path / "w2", *args, attempt=2 if next_attempt else 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from the checkpoint at step" in result.stderr
+    assert ("continuing from attempt 1's checkpoint" in result.stderr) == next_attempt
+    # Published: no checkpoint of any attempt is left behind.
+    for attempt in (1, 2):
+        assert not list(bucket.list_blobs(prefix=schema.checkpoint_prefix(job.job_id, attempt)))
     doc = job.job(db)
     assert doc[F.STATUS] == S.COMPLETED
     assert doc[F.STEP] == doc[F.TOTAL_STEPS] == total

@@ -208,7 +208,9 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
                    for r in refs],
     }
     meta: dict[str, Any] = {"fingerprint": fingerprint}
-    restored = store.latest(device, fingerprint)
+    restored = store.latest(device, fingerprint) or _latest_of_earlier_attempts(
+        bucket, options, work, device, fingerprint
+    )
     resumed_from = 0
     if restored is not None:
         trainer.load_trainable_state(restored.weights)
@@ -305,8 +307,12 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
     log.info("job %s completed: model version %s, %d files under %s", options.job_id,
              version if version is not None else "(recorded by an earlier try)",
              len(artifacts), prefix)
-    # The model is published: the checkpoints (service-only) are no longer needed.
+    # The model is published: the checkpoints (service-only) are no longer needed,
+    # this attempt's nor those of earlier attempts it may have continued from.
     store.delete_all()
+    for earlier in range(options.attempt - 1, 0, -1):
+        CheckpointStore(bucket, schema.checkpoint_prefix(options.job_id, earlier),
+                        work / f"checkpoints-attempt-{earlier}").delete_all()
     if not options.keep_work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return EXIT_OK
@@ -406,6 +412,27 @@ def finish_with_retry(reporter: Any, result: Any, *, retries: int | None = None,
 #: Dense bf16 tensor throughput of common training GPUs (FLOP/s), for the first ETA.
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12,
                "V100": 125e12, "A10": 125e12, "L40": 181e12}
+
+
+def _latest_of_earlier_attempts(bucket: Any, options: RunOptions, work: Path, device: Any,
+                                fingerprint: dict[str, Any]) -> Any:
+    """The newest usable checkpoint of an earlier attempt of this job, if any.
+
+    A retried attempt (a SPOT VM taken away, a lost or stale worker) continues
+    where the last one got to instead of paying for its steps again; the
+    fingerprint guarantees the same base model, photos and hyper-parameters.
+    New checkpoints go to the current attempt's folder.
+    """
+    from .checkpoints import CheckpointStore
+
+    for earlier in range(options.attempt - 1, 0, -1):
+        store = CheckpointStore(bucket, schema.checkpoint_prefix(options.job_id, earlier),
+                                work / f"checkpoints-attempt-{earlier}")
+        restored = store.latest(device, fingerprint)
+        if restored is not None:
+            log.info("continuing from attempt %d's checkpoint", earlier)
+            return restored
+    return None
 
 
 def _peak_flops(device: Any) -> float:
