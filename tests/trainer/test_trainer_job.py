@@ -278,3 +278,17 @@ def test_another_attempt_owns_the_job(emulators: Any, db: Any, bucket: Any, tiny
     queued = seed_job(db, bucket, tiny_sd, status=S.QUEUED)  # re-queued by the reconciler
     assert _run_in_process(queued, emulators, tmp_path) == EXIT_OK
     assert queued.job(db)[F.STATUS] == S.QUEUED
+
+
+@pytest.mark.parametrize("bad", ["--compiel", "--sample-steps 'eight", "--sample-steps eight"])
+def test_bad_deployment_trainer_options_fail_the_job_once(
+        emulators: Any, db: Any, bucket: Any, tiny_sd: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    from lora_trainer.__main__ import main
+
+    job = seed_job(db, bucket, tiny_sd, images=1)
+    monkeypatch.setenv(schema.ENV_TRAINER_ARGS, bad)
+    code = main([*schema.trainer_args(job.job_id, 1), "--project", emulators.project,
+                 "--bucket", emulators.bucket, "--work-dir", str(tmp_path)])
+    assert code == EXIT_FAILED
+    _assert_failed(db, job, "TRAINER_ARGS", "invalid")

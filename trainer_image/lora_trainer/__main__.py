@@ -71,18 +71,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def with_env_defaults(argv: list[str]) -> list[str]:
     """``argv`` behind the options of ``ACTORGEN_TRAINER_ARGS`` (the later option wins)."""
     return shlex.split(os.environ.get(schema.ENV_TRAINER_ARGS, "")) + list(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(with_env_defaults(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(with_env_defaults(argv))
+    except (SystemExit, ValueError) as err:
+        if isinstance(err, SystemExit) and err.code in (0, None):
+            raise  # --help
+        # The command line alone is what the executor wrote; when it parses, the fault
+        # is the deployment's TRAINER_ARGS: end the job with that, not a retry loop.
+        args = parse_args(argv)
+        _configure_logging(args.log_level)
+        from .run import record_startup_failure
+
+        return record_startup_failure(
+            args.job_id, args.attempt, args.project,
+            f"the deployment's trainer options (functions param TRAINER_ARGS, passed as "
+            f"{schema.ENV_TRAINER_ARGS}) are invalid: "
+            f"{os.environ.get(schema.ENV_TRAINER_ARGS, '')!r}; fix the param, then "
+            f"re-dispatch the job",
+        )
+    _configure_logging(args.log_level)
     from .run import RunOptions, run_job
 
     settings = {

@@ -109,9 +109,11 @@ def inspect_base_model(model_id: str, token: str | None = None) -> BaseModelInfo
                                                      token=token)
         vae_config = AutoencoderKL.load_config(model_id, subfolder="vae", token=token)
     except Exception as err:  # noqa: BLE001 - every cause means the same to the user
+        # No chained cause: hub-client messages can carry request headers (the token),
+        # and a logged traceback would print the cause unredacted.
         raise ModelLoadError(
             f"could not read the base model {model_id!r}: {_first_line(err, token)}"
-        ) from err
+        ) from None
     class_name = str(index.get("_class_name", ""))
     kind = SUPPORTED_PIPELINES.get(class_name)
     if unet_config.get("addition_embed_type") == "text_time":
@@ -183,7 +185,7 @@ def load_base_model(config: TrainConfig, device: torch.device | None = None,
         raise ModelLoadError(
             f"could not load the base model {config.base_model_id!r}: "
             f"{_first_line(err, token)}"
-        ) from err
+        ) from None  # see inspect_base_model: the cause may hold the token
     return prepare_pipeline(pipeline, info, device, weight_dtype)
 
 

@@ -30,6 +30,7 @@ from .errors import (
     ModelLoadError,
     Preempted,
     Superseded,
+    TrainerError,
     TransientError,
     describe,
     is_permanent,
@@ -103,6 +104,23 @@ def _hf_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def record_startup_failure(job_id: str, attempt: int, project: str | None,
+                           message: str) -> int:
+    """End the job ``failed`` with ``message`` before any training started. Never raises."""
+    try:
+        from actorgen import clients
+
+        from .reporting import JobReporter
+
+        if project:
+            os.environ[schema.ENV_PROJECT] = project
+        log.error("cannot start: %s", message)
+        JobReporter(clients.firestore_client(), job_id, attempt).finish_failure(message)
+    except Exception as err:  # noqa: BLE001 - the error path must not fail
+        log.error("could not record the failure on the job: %s", err)
+    return EXIT_FAILED
+
+
 def run_job(options: RunOptions) -> int:
     """Run one attempt of one job; returns the process exit code."""
     from actorgen import clients
@@ -142,7 +160,10 @@ def run_job(options: RunOptions) -> int:
         return EXIT_FAILED
     except BaseException as err:  # noqa: BLE001 - every failure must reach the job
         message = describe(err)
-        log.exception("training failed: %s", message)
+        if isinstance(err, TrainerError):  # already a readable message: no traceback
+            log.error("training failed: %s", message)
+        else:
+            log.exception("training failed: %s", message)
         if reporter is not None:
             if is_permanent(err):  # a retry would fail the same way: end the job now
                 reporter.finish_failure(message)
@@ -348,8 +369,8 @@ def _token_note(problem: Any) -> Iterator[None]:
             raise
         message = f"{err}; the Hugging Face token could not be read: {problem}"
         if getattr(problem, "transient", False):
-            raise TransientError(message) from err  # another attempt may read it
-        raise ModelLoadError(message) from err
+            raise TransientError(message) from None  # another attempt may read it
+        raise ModelLoadError(message) from None
 
 
 #: The final write is retried this often (after the first try) with this backoff:
