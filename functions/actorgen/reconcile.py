@@ -600,7 +600,7 @@ def sweep_uploads(
         if path is None:
             continue  # models, samples, anything but an upload: not counted
         listed += 1
-        if listed > settings.upload_sweep_max_objects or timer() > deadline:
+        if listed > settings.upload_sweep_max_objects or (listed > 1 and timer() > deadline):
             stopped_at = blob.name
             break
         created = jobs.as_datetime(blob.updated or blob.time_created)
@@ -622,7 +622,9 @@ def sweep_uploads(
             seen = jobs.as_int(record.get(schema.ImageField.GENERATION), -1)
             if record.get(schema.ImageField.STATUS) and seen >= jobs.as_int(blob.generation):
                 continue
-            if len(done) >= limit or timer() > deadline:
+            # At least one validation per pass: a listing that ate the whole budget
+            # must not make every pass stop at the same object forever.
+            if len(done) >= limit or (done and timer() > deadline):
                 cursor.resume_from = blob.name  # this one is first next time
                 log.info("upload sweep stopped at %s (budget); the next pass resumes there",
                          blob.name)

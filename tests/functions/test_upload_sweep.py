@@ -81,8 +81,24 @@ def test_the_upload_sweep_stops_at_its_time_budget() -> None:
                                        timer=lambda: float(next(ticks)), cursor=cursor)
 
     assert sweep() == []
-    assert len(huge.names) == 11  # one clock reading per object: 10 seconds' worth
+    # The first upload is always taken (progress), then one clock reading per object.
+    assert len(huge.names) == 12
     assert cursor.resume_from == huge.names[-1]
     assert huge.calls[0] == {"prefix": "users/", "match_glob": reconcile.UPLOAD_GLOB}
     sweep()
-    assert huge.calls[1]["start_offset"] == huge.names[10]
+    assert huge.calls[1]["start_offset"] == huge.names[11]
+
+
+def test_a_sweep_whose_listing_used_the_budget_still_validates_one(db: Any, bucket: Any) -> None:
+    db.collection(schema.ACTORS).document("actor-s").set({Field.USER_ID: "u-s"})
+    lost = [put(bucket, "u-s", "actor-s", f"lost-{i}.jpg", b"not a photo") for i in range(2)]
+    later = datetime.now(UTC) + timedelta(seconds=Settings().sweep_after_seconds + 5)
+    clock = itertools.count(0, 100)  # every reading is past the 60 s budget
+    cursor = reconcile.UploadSweepCursor()
+
+    def sweep() -> list[str]:
+        return reconcile.sweep_uploads(Settings(), db=db, bucket=bucket, now=later,
+                                       timer=lambda: float(next(clock)), cursor=cursor)
+
+    assert sweep() == lost[:1]  # progress despite the budget...
+    assert sweep() == lost[1:]  # ...so the next pass moves on
