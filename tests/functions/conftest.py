@@ -6,6 +6,7 @@ The emulator fixtures (``emulators``, ``db``, ``bucket``) come from tests/confte
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,19 @@ def _fresh_upload_sweep_cursor() -> Iterator[None]:
     reconcile._UPLOAD_CURSOR.resume_from = None
     yield
     reconcile._UPLOAD_CURSOR.resume_from = None
+
+
+@pytest.fixture
+def owner() -> str:
+    """A fresh user id."""
+    return f"user-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def actor_id(db: Any, owner: str) -> str:
+    """An actor document of ``owner`` with no photos yet."""
+    from actorgen import schema
+
+    actor_id = f"actor-{uuid.uuid4().hex[:8]}"
+    db.collection(schema.ACTORS).document(actor_id).set({schema.Field.USER_ID: owner})
+    return actor_id

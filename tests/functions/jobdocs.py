@@ -66,3 +66,13 @@ def put_queued_job(
 
 def read(db: Any, collection: str, doc_id: str) -> dict[str, Any]:
     return db.collection(collection).document(doc_id).get().to_dict()
+
+
+def put_upload(bucket: Any, uid: str, actor_id: str, name: str, data: bytes) -> Any:
+    """Upload like the app does; returns the finalize event the trigger would get."""
+    from actorgen.uploads import UploadEvent
+
+    path = schema.upload_path(uid, actor_id, name)
+    blob = bucket.blob(path)
+    blob.upload_from_string(data, content_type="image/jpeg")
+    return UploadEvent(bucket.name, path, blob.generation, blob.size)

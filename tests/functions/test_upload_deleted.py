@@ -12,40 +12,22 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 from actorgen import schema, uploads
 from actorgen.config import Settings
 from actorgen.schema import Field, ImageField, ImageStatus
 from actorgen.uploads import Outcome, UploadEvent
 
 from tests import photos
+from tests.functions.jobdocs import put_upload as put
 
 SETTINGS = Settings()
 FUNCTIONS_DIR = Path(__file__).resolve().parents[2] / "functions"
 
 
-@pytest.fixture
-def owner() -> str:
-    return f"user-{uuid.uuid4().hex[:8]}"
 
-
-@pytest.fixture
-def actor_id(db: Any, owner: str) -> str:
-    actor_id = f"actor-{uuid.uuid4().hex[:8]}"
-    db.collection(schema.ACTORS).document(actor_id).set({Field.USER_ID: owner})
-    return actor_id
-
-
-def put(bucket: Any, uid: str, actor_id: str, name: str, data: bytes) -> UploadEvent:
-    """Upload like the app does; the finalize event the trigger would get."""
-    path = schema.upload_path(uid, actor_id, name)
-    blob = bucket.blob(path)
-    blob.upload_from_string(data, content_type="image/jpeg")
-    return UploadEvent(bucket.name, path, blob.generation, blob.size)
 
 
 def delete(bucket: Any, event: UploadEvent) -> UploadEvent:

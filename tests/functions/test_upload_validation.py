@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 import threading
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from actorgen import reconcile, schema, uploads
 from actorgen.config import Settings
 from actorgen.schema import Field, ImageField, ImageStatus
 from actorgen.uploads import Outcome, Reason, UploadEvent
 
 from tests import photos
+from tests.functions.jobdocs import put_upload as put
 
 SETTINGS = Settings()
 
 
-@pytest.fixture
-def owner() -> str:
-    return f"user-{uuid.uuid4().hex[:8]}"
 
-
-@pytest.fixture
-def actor_id(db: Any, owner: str) -> str:
-    actor_id = f"actor-{uuid.uuid4().hex[:8]}"
-    db.collection(schema.ACTORS).document(actor_id).set({Field.USER_ID: owner})
-    return actor_id
-
-
-def put(bucket: Any, uid: str, actor_id: str, name: str, data: bytes) -> UploadEvent:
-    """Upload like the app does; the event the trigger would get."""
-    path = schema.upload_path(uid, actor_id, name)
-    blob = bucket.blob(path)
-    blob.upload_from_string(data, content_type="image/jpeg")
-    return UploadEvent(bucket.name, path, blob.generation, blob.size)
 
 
 def validate(event: UploadEvent, db: Any, bucket: Any, settings: Settings = SETTINGS) -> str:
