@@ -157,16 +157,9 @@ def _apply(
             transaction.update(job_ref, {Field.STATUS: previous_status, Field.UPDATED_AT: now})
             return action
         schema.check_transition(JobStatus.FAILED, JobStatus.QUEUED)
-        actor_id = job.get(Field.ACTOR_ID)
-        actor_ref = actor = None
-        if isinstance(actor_id, str) and actor_id and "/" not in actor_id:
-            actor_ref = db.collection(schema.ACTORS).document(actor_id)
-            actor_snap = actor_ref.get(transaction=transaction)
-            actor = actor_snap.to_dict() if actor_snap.exists else None
+        actor_ref, actor = jobs.read_actor(db, transaction, job)
         transaction.update(job_ref, redispatch_update(job, settings, now))
-        update = jobs.actor_update_for(actor, job, job_id, JobStatus.QUEUED, None)
-        if actor_ref is not None and update:
-            transaction.update(actor_ref, update)
+        jobs.follow_on_actor(transaction, actor_ref, actor, job, job_id, JobStatus.QUEUED, None)
         return action
 
     result = run_in_transaction(db, apply)

@@ -509,9 +509,8 @@ def _record_failure(
                 Field.UPDATED_AT: now,
             },
         )
-        actor_update = jobs.actor_update_for(actor, job, claim.job_id, JobStatus.FAILED, error)
-        if actor_ref is not None and actor_update:
-            transaction.update(actor_ref, actor_update)
+        jobs.follow_on_actor(transaction, actor_ref, actor, job, claim.job_id, JobStatus.FAILED,
+                             error)
         return JobStatus.FAILED
 
     outcome = run_in_transaction(db, record)
@@ -572,9 +571,8 @@ def _cancel_unsubmitted(
                 Field.UPDATED_AT: at,
             },
         )
-        update = jobs.actor_update_for(actor, job, claim.job_id, JobStatus.CANCELLED, None)
-        if actor_ref is not None and update:
-            transaction.update(actor_ref, update)
+        jobs.follow_on_actor(transaction, actor_ref, actor, job, claim.job_id,
+                             JobStatus.CANCELLED, None)
         return True
 
     if run_in_transaction(db, record):

@@ -107,3 +107,18 @@ def read_actor(
     ref = db.collection(schema.ACTORS).document(actor_id)
     snap = ref.get(transaction=transaction)
     return ref, (snap.to_dict() if snap.exists else None)
+
+
+def follow_on_actor(
+    transaction: Any,
+    actor_ref: Any,
+    actor: Mapping[str, Any] | None,
+    job: Mapping[str, Any],
+    job_id: str,
+    status: str,
+    error: str | None,
+) -> None:
+    """Write :func:`actor_update_for` to the actor in ``transaction``, when there is one."""
+    update = actor_update_for(actor, job, job_id, status, error)
+    if actor_ref is not None and update:
+        transaction.update(actor_ref, update)

@@ -376,11 +376,9 @@ def _record(
         if status is not None:
             schema.check_transition(job.get(Field.STATUS), status)
         transaction.update(job_ref, update)
-        if status is not None and actor_ref is not None:
-            error = update.get(Field.ERROR)
-            actor_update = jobs.actor_update_for(actor, job, job_id, status, error)
-            if actor_update:
-                transaction.update(actor_ref, actor_update)
+        if status is not None:
+            jobs.follow_on_actor(transaction, actor_ref, actor, job, job_id, status,
+                                 update.get(Field.ERROR))
         return decision.action
 
     action = run_in_transaction(db, record)
@@ -426,9 +424,8 @@ def cancel_job(
                 Field.NEXT_ATTEMPT_AT: None,
             },
         )
-        update = jobs.actor_update_for(actor, fresh, job_id, JobStatus.CANCELLED, None)
-        if actor_ref is not None and update:
-            transaction.update(actor_ref, update)
+        jobs.follow_on_actor(transaction, actor_ref, actor, fresh, job_id, JobStatus.CANCELLED,
+                             None)
         return True
 
     return run_in_transaction(db, cancel)
