@@ -338,6 +338,10 @@ class Field:
     METRICS = "metrics"
     TIMINGS = "timings"
     MODEL_VERSION = "modelVersion"
+    # Cost: worker seconds the trainer ran (all attempts, added with each progress
+    # write) and their estimated price (from ENV_GPU_PRICE_PER_HOUR).
+    GPU_SECONDS = "gpuSeconds"
+    ESTIMATED_COST_USD = "estimatedCostUsd"
 
 
 #: The only fields the app (a signed-in user) may write when creating a job.
@@ -577,6 +581,10 @@ ENV_HF_TOKEN_SECRET: Final = "ACTORGEN_HF_TOKEN_SECRET"
 #: Extra trainer options for every job of a deployment (e.g. "--compile"), placed
 #: before the command line's own, which win.
 ENV_TRAINER_ARGS: Final = "ACTORGEN_TRAINER_ARGS"
+#: Estimated USD per hour of the attempt's worker (machine + accelerators), set by the
+#: dispatcher from the deployment's price table; the trainer turns its seconds into
+#: ``estimatedCostUsd``. Unset or empty: no cost estimate, seconds only.
+ENV_GPU_PRICE_PER_HOUR: Final = "ACTORGEN_GPU_PRICE_PER_HOUR"
 
 
 def trainer_args(job_id: str, attempt: int) -> list[str]:
