@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ from firebase_functions.params import (
     SelectOption,
     StringParam,
 )
+
+from actorgen import pricing
 
 if TYPE_CHECKING:  # executors import nothing heavy either, but keep config standalone
     from actorgen.executors.settings import ExecutorSettings
@@ -63,7 +66,10 @@ ACCELERATOR_TYPE = StringParam(
     description="GPU type (Vertex AcceleratorType name, e.g. NVIDIA_L4, NVIDIA_TESLA_A100).",
 )
 ACCELERATOR_COUNT = IntParam(
-    "ACCELERATOR_COUNT", default=1, description="GPUs per training job."
+    "ACCELERATOR_COUNT",
+    default=1,
+    description="GPUs per training job. The trainer trains on one GPU, so only 1 is "
+    "accepted (more would be paid for and sit idle).",
 )
 SCHEDULING_STRATEGY = StringParam(
     "SCHEDULING_STRATEGY",
@@ -109,6 +115,14 @@ HF_TOKEN_SECRET = StringParam(
     description="Name of the Secret Manager secret holding a Hugging Face token for gated "
     "base models. Only the name travels to the trainer, which reads the secret itself; "
     "empty means public models only.",
+)
+
+GPU_PRICES = StringParam(
+    "GPU_PRICES",
+    default=pricing.DEFAULT_GPU_PRICES,
+    description="Price table for each job's estimatedCostUsd: comma-separated KEY=USD per "
+    "hour, keys being machine types (without GPUs) and accelerator types (one GPU); "
+    "'SPOT:KEY=USD' entries win for SPOT jobs. Empty: GPU seconds only, no cost estimate.",
 )
 
 # ---------------------------------------------------------------- job intake
@@ -230,6 +244,7 @@ class Settings:
     local_workdir: str = LOCAL_WORKDIR.default
     hf_token_secret: str = HF_TOKEN_SECRET.default
     trainer_args: str = TRAINER_ARGS.default
+    gpu_prices: str = GPU_PRICES.default
     allowed_base_models: tuple[str, ...] = tuple(ALLOWED_BASE_MODELS.default)
     min_images: int = MIN_IMAGES.default
     max_images: int = MAX_IMAGES.default
@@ -251,13 +266,16 @@ class Settings:
     def executor_settings(self) -> ExecutorSettings:
         """The executor's configuration (imported lazily: only dispatch needs it)."""
         from actorgen.executors.settings import ExecutorSettings
-        from actorgen.schema import ENV_HF_TOKEN_SECRET, ENV_TRAINER_ARGS
+        from actorgen.schema import ENV_GPU_PRICE_PER_HOUR, ENV_HF_TOKEN_SECRET, ENV_TRAINER_ARGS
 
         extra_env = {}
         if self.hf_token_secret:
             extra_env[ENV_HF_TOKEN_SECRET] = self.hf_token_secret
         if self.trainer_args:
             extra_env[ENV_TRAINER_ARGS] = self.trainer_args
+        price = self.worker_price_per_hour()
+        if price is not None:
+            extra_env[ENV_GPU_PRICE_PER_HOUR] = pricing.format_price(price)
 
         return ExecutorSettings(
             kind=self.executor_kind,
@@ -276,6 +294,29 @@ class Settings:
             local_workdir=self.local_workdir,
             extra_env=extra_env,
         )
+
+
+    def worker_price_per_hour(self) -> float | None:
+        """USD per hour of one training worker from GPU_PRICES; None without an estimate.
+
+        A bad table must not stop training: it is logged (naming the entry) and jobs
+        record GPU seconds without a cost.
+        """
+        try:
+            table = pricing.parse_price_table(self.gpu_prices)
+        except pricing.PriceTableError as err:
+            logging.getLogger(__name__).error("%s; jobs get no cost estimate", err)
+            return None
+        price = pricing.worker_price_per_hour(
+            table, self.machine_type, self.accelerator_type, self.accelerator_count,
+            self.scheduling_strategy,
+        )
+        if price is None and table:
+            logging.getLogger(__name__).warning(
+                "GPU_PRICES has no price for %s / %s; jobs get no cost estimate",
+                self.machine_type, self.accelerator_type,
+            )
+        return price
 
 
 def load_settings() -> Settings:
@@ -297,6 +338,7 @@ def load_settings() -> Settings:
         local_workdir=LOCAL_WORKDIR.value,
         hf_token_secret=HF_TOKEN_SECRET.value,
         trainer_args=TRAINER_ARGS.value.strip(),
+        gpu_prices=GPU_PRICES.value.strip(),
         allowed_base_models=tuple(m.strip() for m in ALLOWED_BASE_MODELS.value if m.strip()),
         min_images=MIN_IMAGES.value,
         max_images=MAX_IMAGES.value,

@@ -514,3 +514,12 @@ def test_client_is_created_once(fake: FakeJobService, executor: VertexExecutor) 
     client = executor.client
     executor.find("Job_AbC123", 1)
     assert executor.client is client
+
+
+def test_more_than_one_gpu_is_refused_before_any_call(fake: FakeJobService) -> None:
+    # The trainer uses one GPU: a second one would be billed and sit idle.
+    ex = build_executor(make_settings(fake, accelerator_type="NVIDIA_L4", accelerator_count=2))
+    with pytest.raises(ExecutorError, match="accelerator_count is 2.*ACCELERATOR_COUNT to 1") as err:
+        ex.submit(req())
+    assert not err.value.retryable
+    assert fake.requests == []

@@ -342,3 +342,16 @@ def test_a_failed_nudge_is_only_logged(emulators: Any, monkeypatch: Any) -> None
     assert tasks.nudge_dispatcher("job-1", Settings()) is False
     monkeypatch.setenv("CLOUD_TASKS_EMULATOR_HOST", "127.0.0.1:9")  # nothing listens there
     assert tasks.nudge_dispatcher("job-1", Settings()) is False
+
+
+def test_more_than_one_gpu_per_job_is_refused_at_dispatch_with_the_reason(db: Any) -> None:
+    # The trainer trains on one GPU; ACCELERATOR_COUNT=2 would pay for an idle one.
+    settings = Settings(executor_kind="vertex", project="demo-actorgen", bucket="b",
+                        trainer_image_uri="r/actorgen/trainer:t", accelerator_count=2)
+    job_id = put_queued_job(db, "alice")
+    report = dispatch.run_dispatch_pass(settings, db=db)
+    assert report.failed == [job_id]
+    entry = read(db, JOBS, job_id)[Field.ATTEMPT_HISTORY][-1]
+    assert entry[AttemptField.OUTCOME] == AttemptOutcome.SUBMIT_FAILED
+    assert "accelerator_count is 2, but the trainer trains on one GPU" in entry[AttemptField.ERROR]
+    assert "ACCELERATOR_COUNT to 1" in entry[AttemptField.ERROR]

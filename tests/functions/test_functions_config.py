@@ -36,23 +36,25 @@ def test_load_settings_reads_the_environment_when_called(monkeypatch: pytest.Mon
 def test_executor_settings_carry_the_values(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings(
         executor_kind="local", project="p", bucket="b", local_trainer_python="/x/python",
-        hf_token_secret="hf-token", accelerator_count=2,
+        hf_token_secret="hf-token", accelerator_count=2, gpu_prices="",
     )
     e = s.executor_settings()
     assert (e.kind, e.project, e.bucket, e.local_python, e.accelerator_count) == (
         "local", "p", "b", "/x/python", 2
     )
     assert e.extra_env == {schema.ENV_HF_TOKEN_SECRET: "hf-token"}
-    assert Settings().executor_settings().extra_env == {}
+    assert Settings(gpu_prices="").executor_settings().extra_env == {}
 
 
 def test_trainer_options_and_token_secret_name_reach_the_executor_env() -> None:
     from actorgen import schema
     from actorgen.config import Settings
 
-    env = Settings(trainer_args="--compile", hf_token_secret="hf-token").executor_settings()
+    env = Settings(
+        trainer_args="--compile", hf_token_secret="hf-token", gpu_prices=""
+    ).executor_settings()
     assert env.extra_env == {
         schema.ENV_TRAINER_ARGS: "--compile",
         schema.ENV_HF_TOKEN_SECRET: "hf-token",
     }
-    assert Settings().executor_settings().extra_env == {}
+    assert Settings(gpu_prices="").executor_settings().extra_env == {}

@@ -22,6 +22,9 @@ SCHEDULING_SPOT: Final = "SPOT"
 SCHEDULING_FLEX_START: Final = "FLEX_START"
 SCHEDULING_STRATEGIES: Final = (SCHEDULING_STANDARD, SCHEDULING_SPOT, SCHEDULING_FLEX_START)
 
+#: GPUs the trainer can use: it is a single-process, single-device trainer.
+MAX_ACCELERATORS_PER_JOB: Final = 1
+
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "ip6-localhost"})
 
 
@@ -116,6 +119,13 @@ class ExecutorSettings:
                 out.append(f"accelerator_count must be >= 0, got {self.accelerator_count}")
             if self.accelerator_type and self.accelerator_count == 0:
                 out.append(f"accelerator_type {self.accelerator_type} needs accelerator_count >= 1")
+            if self.accelerator_count > MAX_ACCELERATORS_PER_JOB:
+                # The trainer runs one process on one device: extra GPUs would be billed idle.
+                out.append(
+                    f"accelerator_count is {self.accelerator_count}, but the trainer trains "
+                    f"on one GPU; set ACCELERATOR_COUNT to {MAX_ACCELERATORS_PER_JOB} (a "
+                    "faster GPU type, not more of them, speeds a job up)"
+                )
             if self.timeout_seconds <= 0:
                 out.append(f"timeout_seconds must be > 0, got {self.timeout_seconds}")
             if self.max_wait_seconds < 0:
