@@ -105,6 +105,8 @@ def test_whole_job_from_documents_to_published_lora(emulators: Any, db: Any, buc
     metrics = doc[F.METRICS]
     assert metrics["images"] == 4 and metrics["steps"] == 12 and metrics["resumedFromStep"] == 0
     assert metrics["finalLoss"] > 0 and metrics["evalLossStart"] > 0
+    # Every seeded photo has a face: the loss is face-weighted on all of them.
+    assert metrics["faceLossWeight"] == 2.0 and metrics["faceWeightedPhotos"] == 4
     assert {"prepareSeconds", "trainSeconds", "exportSeconds", "uploadSeconds",
             "totalSeconds"} <= set(doc[F.TIMINGS])
 

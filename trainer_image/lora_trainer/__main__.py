@@ -18,7 +18,7 @@ from pathlib import Path
 
 from actorgen import schema
 
-from .config import MIXED_PRECISION_CHOICES
+from .config import DEFAULT_FACE_LOSS_WEIGHT, MIXED_PRECISION_CHOICES
 
 
 def _env_int(name: str) -> int | None:
@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="denoising steps of the sample images and class images")
     p.add_argument("--num-samples", type=int, default=None)
     p.add_argument("--num-class-images", type=int, default=None)
+    p.add_argument("--face-loss-weight", type=float, default=None,
+                   help="loss weight of the face region against 1 for the background "
+                        f"(default {DEFAULT_FACE_LOSS_WEIGHT:g}; 1 turns it off)")
+    p.add_argument("--noise-offset", type=float, default=None,
+                   help="offset noise scale, e.g. 0.05 (default 0: off)")
     p.add_argument("--min-free-disk-mb", type=float, default=None,
                    help="refuse to start with less free disk (default 2048)")
     p.add_argument("--compile", action="store_true", default=None, dest="compile_unet",
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         "sample_steps": args.sample_steps,
         "num_samples": args.num_samples,
         "num_class_images": args.num_class_images,
+        "face_loss_weight": args.face_loss_weight,
+        "noise_offset": args.noise_offset,
         "compile_unet": args.compile_unet,
         "min_free_disk_bytes": (None if args.min_free_disk_mb is None
                                 else int(args.min_free_disk_mb * 1024 * 1024)),

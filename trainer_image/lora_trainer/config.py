@@ -28,6 +28,11 @@ DEFAULT_SAMPLE_PROMPTS: Final = (
 #: optimiser state stay fp32); fewer casts and kernel launches than "bf16" (autocast).
 MIXED_PRECISION_CHOICES: Final = ("auto", "no", "fp16", "bf16", "bf16-pure")
 GRADIENT_CHECKPOINTING_CHOICES: Final = ("auto", "on", "off")
+#: Face region twice as heavy as the background: about a quarter of the loss's weight
+#: then falls on the face instead of a seventh (face_loss.py), while hair, shoulders
+#: and backdrop still count.
+DEFAULT_FACE_LOSS_WEIGHT: Final = 2.0
+MAX_FACE_LOSS_WEIGHT: Final = 20.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,12 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     random_flip: bool = True
     face_margin: float = 1.0
+    #: Loss weight of the face region against 1 for the rest of the photo (maps scaled
+    #: to mean 1; see face_loss.py). 1.0 turns the weighting off.
+    face_loss_weight: float = DEFAULT_FACE_LOSS_WEIGHT
+    #: Offset noise (Guttenberg 2023): a per-channel constant of this scale added to the
+    #: noise, so the LoRA can shift whole-image brightness. 0 turns it off.
+    noise_offset: float = 0.0
     num_class_images: int = 50
     prior_loss_weight: float = 1.0
     num_samples: int = 4
@@ -83,6 +94,12 @@ class TrainConfig:
             raise TrainerError("training needs at least one step and a batch of at least one")
         if self.checkpoint_every < 1:
             raise TrainerError("checkpoint_every must be at least 1")
+        if not 1.0 <= self.face_loss_weight <= MAX_FACE_LOSS_WEIGHT:
+            raise TrainerError(f"the face loss weight must be between 1 (off) and "
+                               f"{MAX_FACE_LOSS_WEIGHT:g}, not {self.face_loss_weight:g}")
+        if not 0.0 <= self.noise_offset <= 1.0:
+            raise TrainerError(f"the noise offset must be between 0 (off) and 1, "
+                               f"not {self.noise_offset:g}")
         if "{instance}" not in self.caption_template:
             raise TrainerError("the caption template must contain {instance}")
 

@@ -23,6 +23,8 @@ from .errors import DataError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from .face_loss import PixelBox
+
 log = logging.getLogger(__name__)
 IF = schema.ImageField
 DOWNLOAD_THREADS = 8
@@ -114,6 +116,12 @@ def download_images(bucket: Any, refs: Sequence[ImageRef], dest: Path) -> list[P
 
 def crop_box(image: Image.Image, ref: ImageRef, margin: float) -> tuple[int, int, int, int]:
     """A square around the largest detected face, else the stored face, else the centre."""
+    return crop_around_face(image, ref, margin)[0]
+
+
+def crop_around_face(image: Image.Image, ref: ImageRef, margin: float
+                     ) -> tuple[tuple[int, int, int, int], Any]:
+    """:func:`crop_box` and the face (``actorgen.faces.FaceBox``) it was made around, or None."""
     from actorgen import faces
 
     found = faces.detect_faces(image)
@@ -125,33 +133,57 @@ def crop_box(image: Image.Image, ref: ImageRef, margin: float) -> tuple[int, int
         width, height = image.size
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
-        return left, top, left + side, top + side
-    return faces.face_crop_box(face, image.size, margin=margin)
+        return (left, top, left + side, top + side), None
+    return faces.face_crop_box(face, image.size, margin=margin), face
 
 
-def prepare_image(data: bytes, ref: ImageRef, resolution: int, margin: float) -> Image.Image:
+@dataclass(frozen=True)
+class PreparedPhoto:
+    """A training photo (cropped, resized) and its face box in the photo's pixels."""
+
+    image: Image.Image
+    face: PixelBox | None
+
+
+def prepare_photo(data: bytes, ref: ImageRef, resolution: int, margin: float) -> PreparedPhoto:
     """Decode (EXIF-oriented RGB), crop square around the face and resize."""
     from actorgen import imaging
     from PIL import Image
+
+    from .face_loss import map_box_through_crop
 
     try:
         image = imaging.decode_image(data)
     except imaging.ImageDecodeError as err:
         raise DataError(f"the photo {ref.file_name!r} cannot be used: {err}") from None
-    box = crop_box(image, ref, margin)
+    box, face = crop_around_face(image, ref, margin)
     side = box[2] - box[0]
     if side < resolution:
         log.info("%s: face crop is %d px, upscaled to %d", ref.file_name, side, resolution)
-    return image.crop(box).resize((resolution, resolution), Image.Resampling.LANCZOS)
+    prepared = image.crop(box).resize((resolution, resolution), Image.Resampling.LANCZOS)
+    face_box = None if face is None else map_box_through_crop(
+        (face.x, face.y, face.w, face.h), box, resolution)
+    return PreparedPhoto(prepared, face_box)
+
+
+def prepare_image(data: bytes, ref: ImageRef, resolution: int, margin: float) -> Image.Image:
+    """The prepared photo alone (see :func:`prepare_photo`)."""
+    return prepare_photo(data, ref, resolution, margin).image
+
+
+def load_training_photos(files: Sequence[Path], refs: Sequence[ImageRef], resolution: int,
+                         margin: float) -> list[PreparedPhoto]:
+    """Prepare every downloaded photo (see :func:`prepare_photo`)."""
+    return [
+        prepare_photo(Path(path).read_bytes(), ref, resolution, margin)
+        for path, ref in zip(files, refs, strict=True)
+    ]
 
 
 def load_training_images(files: Sequence[Path], refs: Sequence[ImageRef], resolution: int,
                          margin: float) -> list[Image.Image]:
-    """Prepare every downloaded photo (see :func:`prepare_image`)."""
-    return [
-        prepare_image(Path(path).read_bytes(), ref, resolution, margin)
-        for path, ref in zip(files, refs, strict=True)
-    ]
+    """The prepared photos alone (see :func:`load_training_photos`)."""
+    return [p.image for p in load_training_photos(files, refs, resolution, margin)]
 
 
 def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:

@@ -208,10 +208,11 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
         # Photos first: a corrupt photo fails in seconds, not after a model download.
         refs = data.accepted_images(actor)
         files = data.download_images(bucket, refs, work / "images")
-        images = data.load_training_images(files, refs, resolution, config.face_margin)
+        photos = data.load_training_photos(files, refs, resolution, config.face_margin)
         with _token_note(token_problem):
             model = models.load_base_model(config, device, token=token)
-        prepared = build_trainer(model, config, data.images_to_tensor(images))
+        prepared = build_trainer(model, config, data.images_to_tensor([p.image for p in photos]),
+                                 face_boxes=[p.face for p in photos])
     trainer = prepared.trainer
     store = CheckpointStore(
         bucket,
@@ -224,6 +225,8 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
         **{k: v for k, v in config.hyperparameters().items()},
         "max_train_steps": config.max_train_steps,
         "caption": config.instance_prompt,
+        "face_loss_weight": config.face_loss_weight,
+        "noise_offset": config.noise_offset,
         # The judged generation too: a replaced photo must not resume an old run.
         "images": [r.path if r.generation is None else f"{r.path}#{r.generation}"
                    for r in refs],
@@ -291,6 +294,9 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
             "resolution": prepared.resolution,
             "mixedPrecision": prepared.mixed_precision,
             "gradientCheckpointing": prepared.gradient_checkpointing,
+            "faceLossWeight": config.face_loss_weight,
+            "faceWeightedPhotos": prepared.face_weighted_photos,
+            "noiseOffset": config.noise_offset,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
         out = work / "export"

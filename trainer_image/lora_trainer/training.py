@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .encode import LatentStats, PromptEmbeds, encode_tokens
 from .models import SDXL, LoadedModel, lora_modules
+
+if TYPE_CHECKING:
+    from .face_loss import PixelBox
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ class TrainingData:
     class_tokens: list[torch.Tensor] | None = None
     class_embeds: PromptEmbeds | None = None
     time_ids: torch.Tensor | None = None  # SDXL [1, 6]
+    #: Face-weighted loss maps [N, 1, h, w] aligned with ``instance`` (face_loss.py).
+    instance_weights: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,11 @@ class LoraTrainer:
 
     # ------------------------------------------------------------------ step
     def _draw(self, stats: LatentStats, count: int) -> torch.Tensor:
-        """``count`` latents sampled from random cached posteriors.
+        """``count`` latents sampled from random cached posteriors."""
+        return self._draw_indexed(stats, count)[0]
+
+    def _draw_indexed(self, stats: LatentStats, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_draw` and the cache rows drawn (to pick their loss weight maps).
 
         With random flips on, the mirrored photos are part of the cache, so a
         uniform index is also a random flip.
@@ -118,7 +127,7 @@ class LoraTrainer:
                               generator=self.generator)
         mean, std = stats.mean[index], stats.std[index]
         noise = torch.randn(mean.shape, device=self.device, generator=self.generator)
-        return mean + std * noise
+        return mean + std * noise, index
 
     def _conditioning(self, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         data = self.data
@@ -161,8 +170,8 @@ class LoraTrainer:
 
     def _loss(self, latents: torch.Tensor, hidden: torch.Tensor,
               added: dict[str, torch.Tensor] | None, noise: torch.Tensor,
-              timesteps: torch.Tensor) -> torch.Tensor:
-        """Per-sample min-SNR-weighted MSE ``[n]``."""
+              timesteps: torch.Tensor, pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample min-SNR-weighted MSE ``[n]``, face-weighted by ``pixel_weight``."""
         a = self._sqrt_alpha[timesteps].view(-1, 1, 1, 1)
         s = self._sqrt_one_minus_alpha[timesteps].view(-1, 1, 1, 1)
         noisy = a * latents + s * noise
@@ -172,7 +181,10 @@ class LoraTrainer:
         pred = self.unet(noisy, timesteps, encoder_hidden_states=hidden,
                          added_cond_kwargs=added, return_dict=False)[0]
         target = noise if self.prediction_type == "epsilon" else a * noise - s * latents
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        error = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if pixel_weight is not None:  # [n, 1, h, w] with mean 1 per sample
+            error = error * pixel_weight
+        loss = error.mean(dim=(1, 2, 3))
         gamma = self.config.min_snr_gamma
         if gamma > 0:
             # Min-SNR-gamma (Hang et al. 2023): equalises the pull of easy and
@@ -186,15 +198,24 @@ class LoraTrainer:
     def train_step(self) -> torch.Tensor:
         """One optimisation step; returns the loss as a device tensor (no host sync)."""
         batch = self.config.train_batch_size
-        latents = self._draw(self.data.instance, batch)
+        latents, index = self._draw_indexed(self.data.instance, batch)
+        weights = self.data.instance_weights
+        pixel_weight = None if weights is None else weights[index]
         if self.data.class_latents is not None:
             latents = torch.cat([latents, self._draw(self.data.class_latents, batch)])
+            if pixel_weight is not None:  # class images: no face box, plain mean
+                pixel_weight = torch.cat([pixel_weight, torch.ones_like(pixel_weight)])
         noise = torch.randn(latents.shape, device=self.device, generator=self.generator)
+        if self.config.noise_offset > 0:
+            # Offset noise: a per-sample, per-channel constant lets the LoRA learn
+            # whole-image brightness (off by default: drawn only when on).
+            noise = noise + self.config.noise_offset * torch.randn(
+                (*latents.shape[:2], 1, 1), device=self.device, generator=self.generator)
         timesteps = torch.randint(0, self.num_timesteps, (latents.shape[0],),
                                   device=self.device, generator=self.generator)
         with self.accelerator.autocast():
             hidden, added = self._conditioning(batch)
-            per_sample = self._loss(latents, hidden, added, noise, timesteps)
+            per_sample = self._loss(latents, hidden, added, noise, timesteps, pixel_weight)
         loss = per_sample[:batch].mean()
         if self.data.class_latents is not None:
             loss = loss + self.config.prior_loss_weight * per_sample[batch:].mean()
@@ -390,14 +411,16 @@ class PreparedTraining:
     resolution: int
     mixed_precision: str
     gradient_checkpointing: bool
+    face_weighted_photos: int = 0  # photos whose loss is face-weighted
 
 
-def build_trainer(model: LoadedModel, config: TrainConfig,
-                  pixels: torch.Tensor) -> PreparedTraining:
+def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
+                  face_boxes: Sequence[PixelBox | None] | None = None) -> PreparedTraining:
     """Cache latents and embeddings, attach the LoRA and make the trainer.
 
     ``pixels`` are the prepared photos ``[N, 3, H, W]`` in [-1, 1] at the
-    training resolution. Order matters: class images are drawn by the base
+    training resolution; ``face_boxes`` their face boxes in those pixels (None
+    entries for photos without one) for the face-weighted loss. Order matters: class images are drawn by the base
     model before any LoRA exists, and the frozen encoders leave the GPU
     before the UNet's activations need the room.
     """
@@ -409,6 +432,7 @@ def build_trainer(model: LoadedModel, config: TrainConfig,
         sdxl_time_ids,
         tokenize,
     )
+    from .face_loss import face_share, instance_weight_maps
     from .models import (
         add_lora,
         enable_gradient_checkpointing,
@@ -419,6 +443,17 @@ def build_trainer(model: LoadedModel, config: TrainConfig,
     resolution = int(pixels.shape[-1])
     mixed_precision, _ = resolve_precision(config.mixed_precision, model.device)
     instance = encode_images(model, pixels, flip=config.random_flip)
+    instance_weights = None
+    if face_boxes is not None:
+        instance_weights = instance_weight_maps(
+            face_boxes, resolution, instance.mean.shape[-1], config.face_loss_weight,
+            flip=config.random_flip)
+    if instance_weights is not None:
+        log.info("face-weighted loss: weight %g on the face of %d of %d photos, %.0f%% of "
+                 "the loss's weight on faces", config.face_loss_weight,
+                 sum(b is not None for b in face_boxes or ()), pixels.shape[0],
+                 100 * face_share(instance_weights, face_boxes or (), resolution))
+        instance_weights = instance_weights.to(model.device)
     class_latents = class_tokens = class_embeds = None
     if config.prior_preservation:
         class_latents = generate_class_latents(
@@ -447,6 +482,7 @@ def build_trainer(model: LoadedModel, config: TrainConfig,
         class_tokens=class_tokens,
         class_embeds=class_embeds,
         time_ids=sdxl_time_ids(resolution, model.device) if model.kind == SDXL else None,
+        instance_weights=instance_weights,
     )
     trainer = LoraTrainer(model, config, data, params, mixed_precision)
     log.info(
@@ -456,4 +492,5 @@ def build_trainer(model: LoadedModel, config: TrainConfig,
         mixed_precision, "on" if checkpointing else "off",
         "on" if class_latents is not None else "off",
     )
-    return PreparedTraining(trainer, resolution, mixed_precision, checkpointing)
+    weighted = 0 if instance_weights is None else sum(b is not None for b in face_boxes or ())
+    return PreparedTraining(trainer, resolution, mixed_precision, checkpointing, weighted)
