@@ -127,3 +127,38 @@ def test_executor_labels_are_valid_gcp_labels() -> None:
         assert re.fullmatch(r"[a-z0-9_-]{0,63}", value)
     assert labels[schema.LABEL_ATTEMPT] == "3"
     assert labels != schema.executor_labels("mixedcasefirestoreid123", 3)
+
+
+def test_status_fields_record_each_change_once_with_its_time() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from actorgen.schema import Field, JobStatus, StatusChangeField, status_fields
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    job: dict = {Field.STATUS: JobStatus.PENDING, Field.CREATED_AT: t0 - timedelta(minutes=1)}
+    job.update(status_fields(job, JobStatus.QUEUED, t0))
+    assert job[Field.STATUS] == JobStatus.QUEUED
+    assert job[Field.STATUS_HISTORY] == [
+        {StatusChangeField.STATUS: JobStatus.PENDING, StatusChangeField.AT: t0 - timedelta(minutes=1)},
+        {StatusChangeField.STATUS: JobStatus.QUEUED, StatusChangeField.AT: t0},
+    ]
+    # The same status again (a heartbeat, a redelivered event) adds nothing.
+    assert status_fields(job, JobStatus.QUEUED, t0 + timedelta(seconds=5)) == {
+        Field.STATUS: JobStatus.QUEUED
+    }
+    # A job that predates the history starts it at its current change.
+    old = {Field.STATUS: JobStatus.TRAINING, Field.CREATED_AT: t0}
+    assert status_fields(old, JobStatus.UPLOADING, t0)[Field.STATUS_HISTORY] == [
+        {StatusChangeField.STATUS: JobStatus.UPLOADING, StatusChangeField.AT: t0}
+    ]
+
+
+def test_status_history_is_bounded_keeping_the_newest() -> None:
+    from actorgen.schema import STATUS_HISTORY_LIMIT, Field, JobStatus, status_fields
+
+    job: dict = {Field.STATUS: JobStatus.QUEUED}
+    for i in range(STATUS_HISTORY_LIMIT + 10):
+        job.update(status_fields(job, JobStatus.DISPATCHING if i % 2 else JobStatus.QUEUED, i))
+    history = job[Field.STATUS_HISTORY]
+    assert len(history) == STATUS_HISTORY_LIMIT
+    assert history[-1]["at"] == STATUS_HISTORY_LIMIT + 9

@@ -78,6 +78,7 @@ def redispatch_update(
     attempt = jobs.as_int(job.get(Field.ATTEMPT))
     marker = jobs.history_entry(attempt, AttemptOutcome.ADMIN_REDISPATCH, None, None, now)
     return {
+        **schema.status_fields(job, JobStatus.QUEUED, now),
         Field.MAX_ATTEMPTS: attempt + settings.max_attempts,
         Field.ERROR: None,
         Field.NEXT_ATTEMPT_AT: now,

@@ -340,7 +340,7 @@ def _claim(
         transaction.update(
             job_ref,
             {
-                Field.STATUS: JobStatus.DISPATCHING,
+                **schema.status_fields(job, JobStatus.DISPATCHING, at),
                 Field.ATTEMPT: attempt,
                 **lease,
                 Field.EXECUTOR: settings.executor_kind,
@@ -420,7 +420,7 @@ def _record_submitted(
             schema.check_transition(status, JobStatus.DISPATCHED)
             status = JobStatus.DISPATCHED
             update = {
-                Field.STATUS: status,
+                **schema.status_fields(job, status, now),
                 Field.EXECUTOR_JOB_NAME: executor_job.name,
                 Field.LEASE_OWNER: None,
                 Field.LEASE_EXPIRES_AT: None,
@@ -480,7 +480,7 @@ def _record_failure(
             transaction.update(
                 job_ref,
                 {
-                    Field.STATUS: JobStatus.QUEUED,
+                    **schema.status_fields(job, JobStatus.QUEUED, now),
                     # Not a GPU attempt: the retry reuses this attempt's number (and labels).
                     Field.ATTEMPT: claim.attempt - 1,
                     Field.NEXT_ATTEMPT_AT: jobs.next_attempt_at(retries, settings, now),
@@ -499,7 +499,7 @@ def _record_failure(
         transaction.update(
             job_ref,
             {
-                Field.STATUS: JobStatus.FAILED,
+                **schema.status_fields(job, JobStatus.FAILED, now),
                 Field.ERROR: error,
                 Field.ATTEMPT_HISTORY: [*past, entry],
                 Field.NEXT_ATTEMPT_AT: None,
@@ -561,7 +561,7 @@ def _cancel_unsubmitted(
         transaction.update(
             job_ref,
             {
-                Field.STATUS: JobStatus.CANCELLED,
+                **schema.status_fields(job, JobStatus.CANCELLED, at),
                 Field.ATTEMPT_HISTORY: [*jobs.history(job), entry],
                 Field.EXECUTOR_JOB_NAME: name,
                 Field.LEASE_OWNER: None,

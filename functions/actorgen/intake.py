@@ -230,7 +230,7 @@ def process_job(
         status = JobStatus.QUEUED if review.accepted else JobStatus.REJECTED
         schema.check_transition(job.get(Field.STATUS), status)
         update: dict[str, Any] = {
-            Field.STATUS: status,
+            **schema.status_fields(job, status, when),
             Field.ERROR: review.error,
             Field.UPDATED_AT: when,
         }

@@ -262,13 +262,13 @@ def apply_update(
     if decision.action == Action.CANCEL:
         return JobStatus.CANCELLED, {
             **common,
-            Field.STATUS: JobStatus.CANCELLED,
+            **schema.status_fields(job, JobStatus.CANCELLED, now),
             Field.FINISHED_AT: now,
         }
     if decision.action == Action.RETRY:
         return JobStatus.QUEUED, {
             **common,
-            Field.STATUS: JobStatus.QUEUED,
+            **schema.status_fields(job, JobStatus.QUEUED, now),
             Field.NEXT_ATTEMPT_AT: jobs.next_attempt_at(attempt, settings, now),
             # The next attempt starts afresh: its executor job, progress and heartbeat.
             Field.EXECUTOR_JOB_NAME: None,
@@ -280,7 +280,7 @@ def apply_update(
     error = failure_message(job, decision.message or decision.error or "unknown error")
     return JobStatus.FAILED, {
         **common,
-        Field.STATUS: JobStatus.FAILED,
+        **schema.status_fields(job, JobStatus.FAILED, now),
         Field.ERROR: error,
         Field.NEXT_ATTEMPT_AT: None,  # failed is never due; a re-dispatch releases it again
         Field.FINISHED_AT: now,
@@ -418,7 +418,7 @@ def cancel_job(
         transaction.update(
             job_ref,
             {
-                Field.STATUS: JobStatus.CANCELLED,
+                **schema.status_fields(fresh, JobStatus.CANCELLED, now),
                 Field.FINISHED_AT: now,
                 Field.UPDATED_AT: now,
                 Field.NEXT_ATTEMPT_AT: None,

@@ -261,6 +261,42 @@ class AttemptField:
     ENDED_AT = "endedAt"
 
 
+class StatusChangeField:
+    """Keys of one ``training_jobs/{jobId}.statusHistory`` entry (see :func:`status_fields`)."""
+
+    STATUS = "status"
+    AT = "at"
+
+
+#: Most entries kept in ``statusHistory`` (the oldest go first); a job passes through
+#: about six statuses per attempt, so this holds a dozen attempts.
+STATUS_HISTORY_LIMIT: Final = 80
+
+
+def status_fields(job: Mapping[str, Any], new_status: str, at: Any) -> dict[str, Any]:
+    """The fields that put ``job`` in ``new_status`` at ``at``: ``status`` and the timeline.
+
+    Every writer of ``status`` (intake, dispatcher, reconciler, admin, trainer) spreads
+    this into its update, so ``statusHistory`` holds every change with its time (the
+    operator's timeline). A write of the status the history already ends with adds
+    nothing (heartbeats, redelivered events). ``at`` must be a real time, not a server
+    timestamp sentinel (Firestore refuses those inside arrays). It does not check the
+    transition: callers keep their :func:`check_transition`.
+    """
+    raw = job.get(Field.STATUS_HISTORY)
+    history = [dict(e) for e in raw if isinstance(e, Mapping)] if isinstance(raw, list) else []
+    current = job.get(Field.STATUS) or JobStatus.PENDING
+    if not history and current == JobStatus.PENDING and job.get(Field.CREATED_AT) is not None:
+        # The app wrote the job as pending without a history: its creation starts it.
+        history = [{StatusChangeField.STATUS: JobStatus.PENDING,
+                    StatusChangeField.AT: job.get(Field.CREATED_AT)}]
+    update: dict[str, Any] = {Field.STATUS: new_status}
+    if not history or history[-1].get(StatusChangeField.STATUS) != new_status:
+        history.append({StatusChangeField.STATUS: new_status, StatusChangeField.AT: at})
+        update[Field.STATUS_HISTORY] = history[-STATUS_HISTORY_LIMIT:]
+    return update
+
+
 class AttemptOutcome:
     """Why an attempt ended without the trainer's ``completed``."""
 
@@ -308,6 +344,7 @@ class Field:
     PRIORITY = "priority"
     # -- training_jobs (pipeline) --
     STATUS = "status"
+    STATUS_HISTORY = "statusHistory"  # [{status, at}], oldest first: see status_fields()
     PROGRESS = "progress"  # 0..100
     ERROR = "error"  # human-readable; None while fine
     TRAINED_MODEL_ID = "trainedModelId"

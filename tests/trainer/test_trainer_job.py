@@ -96,6 +96,10 @@ def test_whole_job_from_documents_to_published_lora(emulators: Any, db: Any, buc
     assert doc[F.STEP] == doc[F.TOTAL_STEPS] == 12
     assert doc[F.ERROR] is None and doc[F.HEARTBEAT_AT] and doc[F.FINISHED_AT]
     assert doc[F.TRAINED_MODEL_ID] == job.job_id and doc[F.MODEL_VERSION] == 1
+    # The trainer's changes are on the job's timeline, each with its time.
+    trained = [e["status"] for e in doc[F.STATUS_HISTORY]]
+    assert trained[-4:] == [S.PREPARING, S.TRAINING, S.UPLOADING, S.COMPLETED]
+    assert all(e["at"] is not None for e in doc[F.STATUS_HISTORY])
     prefix = schema.model_prefix(job.uid, job.actor_id, job.job_id)
     artifacts = doc[F.ARTIFACTS]
     for name in (A.LORA_DIFFUSERS, A.LORA_KOHYA, A.MODEL_CARD, A.TRAINING_CONFIG,

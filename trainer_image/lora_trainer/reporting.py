@@ -108,8 +108,10 @@ class JobReporter:
         if not schema.can_transition(status, new_status):
             raise Superseded(f"the job is {status!r}; this attempt may not set {new_status!r}")
         now = _server_time()
-        transaction.update(self.job_ref, {F.STATUS: new_status, F.HEARTBEAT_AT: now,
-                                          F.UPDATED_AT: now, **updates})
+        transaction.update(self.job_ref, {
+            **schema.status_fields(job, new_status, datetime.now(UTC)),
+            F.HEARTBEAT_AT: now, F.UPDATED_AT: now, **updates,
+        })
         return job
 
     # ----------------------------------------------------------------- API
@@ -251,7 +253,7 @@ class JobReporter:
             }
             now = _server_time()
             transaction.update(self.job_ref, {
-                F.STATUS: S.COMPLETED,
+                **schema.status_fields(job, S.COMPLETED, datetime.now(UTC)),
                 F.PROGRESS: 100,
                 F.STEP: result.step,
                 F.TOTAL_STEPS: result.total_steps,
@@ -341,7 +343,7 @@ class JobReporter:
                 actor = actor_snap.to_dict() if actor_snap.exists else None
             now = _server_time()
             transaction.update(self.job_ref, {
-                F.STATUS: status,
+                **schema.status_fields(job, status, datetime.now(UTC)),
                 F.ERROR: message,
                 F.FINISHED_AT: now,
                 F.UPDATED_AT: now,
