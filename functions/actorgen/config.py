@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from firebase_functions import params
 from firebase_functions.params import (
+    BoolParam,
     IntParam,
     ListParam,
     SelectInput,
@@ -114,7 +115,14 @@ HF_TOKEN_SECRET = StringParam(
     default="",
     description="Name of the Secret Manager secret holding a Hugging Face token for gated "
     "base models. Only the name travels to the trainer, which reads the secret itself; "
-    "empty means public models only.",
+    "empty means public models only. Setting it never pushes models (see HF_PUSH_MODELS).",
+)
+HF_PUSH_MODELS = BoolParam(
+    "HF_PUSH_MODELS",
+    default=False,
+    description="Also push every trained LoRA (a user's face) to a private Hugging Face Hub "
+    "repo <token's user>/actorgen-lora-<job>; needs HF_TOKEN_SECRET with a write token. "
+    "Off by default: the models stay in Cloud Storage only.",
 )
 
 GPU_PRICES = StringParam(
@@ -126,11 +134,13 @@ GPU_PRICES = StringParam(
 )
 
 # ---------------------------------------------------------------- job intake
+# Checked 2026-12-03 against diffusers 0.42.1's own documentation, which loads SD 1.5 from
+# the community mirror stable-diffusion-v1-5/stable-diffusion-v1-5 (Runway deleted
+# runwayml/stable-diffusion-v1-5 with its whole Hub organisation in August 2024).
 ALLOWED_BASE_MODELS = ListParam(
     "ALLOWED_BASE_MODELS",
     default=[
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        "runwayml/stable-diffusion-v1-5",
         "stabilityai/stable-diffusion-xl-base-1.0",
     ],
     description="Base models a job may name in baseModelId (Hugging Face repo ids).",
@@ -243,6 +253,7 @@ class Settings:
     local_trainer_python: str = LOCAL_TRAINER_PYTHON.default
     local_workdir: str = LOCAL_WORKDIR.default
     hf_token_secret: str = HF_TOKEN_SECRET.default
+    hf_push_models: bool = HF_PUSH_MODELS.default
     trainer_args: str = TRAINER_ARGS.default
     gpu_prices: str = GPU_PRICES.default
     allowed_base_models: tuple[str, ...] = tuple(ALLOWED_BASE_MODELS.default)
@@ -266,11 +277,18 @@ class Settings:
     def executor_settings(self) -> ExecutorSettings:
         """The executor's configuration (imported lazily: only dispatch needs it)."""
         from actorgen.executors.settings import ExecutorSettings
-        from actorgen.schema import ENV_GPU_PRICE_PER_HOUR, ENV_HF_TOKEN_SECRET, ENV_TRAINER_ARGS
+        from actorgen.schema import (
+            ENV_GPU_PRICE_PER_HOUR,
+            ENV_HF_PUSH,
+            ENV_HF_TOKEN_SECRET,
+            ENV_TRAINER_ARGS,
+        )
 
         extra_env = {}
         if self.hf_token_secret:
             extra_env[ENV_HF_TOKEN_SECRET] = self.hf_token_secret
+        if self.hf_push_models:
+            extra_env[ENV_HF_PUSH] = "1"
         if self.trainer_args:
             extra_env[ENV_TRAINER_ARGS] = self.trainer_args
         price = self.worker_price_per_hour()
@@ -337,6 +355,7 @@ def load_settings() -> Settings:
         local_trainer_python=LOCAL_TRAINER_PYTHON.value,
         local_workdir=LOCAL_WORKDIR.value,
         hf_token_secret=HF_TOKEN_SECRET.value,
+        hf_push_models=HF_PUSH_MODELS.value,
         trainer_args=TRAINER_ARGS.value.strip(),
         gpu_prices=GPU_PRICES.value.strip(),
         allowed_base_models=tuple(m.strip() for m in ALLOWED_BASE_MODELS.value if m.strip()),

@@ -615,6 +615,10 @@ ENV_BUCKET: Final = "ACTORGEN_BUCKET"
 #: Name of the Secret Manager secret with a Hugging Face token (gated base models); the
 #: trainer reads the secret itself, so the token never appears in a job spec.
 ENV_HF_TOKEN_SECRET: Final = "ACTORGEN_HF_TOKEN_SECRET"
+#: "1" when the deployment opted in to pushing every trained LoRA to a private Hugging
+#: Face Hub repo (functions param HF_PUSH_MODELS). A token alone never pushes: the
+#: models are of users' faces.
+ENV_HF_PUSH: Final = "ACTORGEN_HF_PUSH"
 #: Extra trainer options for every job of a deployment (e.g. "--compile"), placed
 #: before the command line's own, which win.
 ENV_TRAINER_ARGS: Final = "ACTORGEN_TRAINER_ARGS"

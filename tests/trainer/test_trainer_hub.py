@@ -113,7 +113,7 @@ def test_unreadable_secret_is_reported_without_the_token(
 def test_push_gets_the_resolved_token(no_token_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     pushed: list[str] = []
     no_token_env.setattr(hub, "push_folder",
-                         lambda folder, job, token: pushed.append(token) or "ns/repo")
+                         lambda folder, job, token, repo=None: pushed.append(token) or "ns/repo")
     no_token_env.delenv("HF_HUB_OFFLINE", raising=False)
     assert hub.maybe_push(tmp_path, "job", TOKEN) == ("ns/repo", None)
     assert pushed == [TOKEN]
@@ -203,7 +203,7 @@ def test_whole_run_uses_the_secret_and_never_shows_the_token(
 
     monkeypatch.setattr(models, "load_base_model", load)
     caplog.set_level(logging.DEBUG)
-    assert _run(emulators, job.job_id, tmp_path / "work") == 0
+    assert _run(emulators, job.job_id, tmp_path / "work", push_to_hub=True) == 0  # opted in
     doc = job.job(db)
     assert doc[F.STATUS] == S.COMPLETED, doc.get(F.ERROR)
     assert secret_reads == [f"projects/{emulators.project}/secrets/hf-token/versions/latest"]

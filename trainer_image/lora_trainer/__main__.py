@@ -26,6 +26,10 @@ def _env_int(name: str) -> int | None:
     return int(value) if value else None
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lora_trainer",
                                 description="Train a person LoRA for one training job.")
@@ -66,7 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="refuse to start with less free disk (default 2048)")
     p.add_argument("--compile", action="store_true", default=None, dest="compile_unet",
                    help="torch.compile the UNet (pays off only for long runs)")
-    p.add_argument("--no-hub", action="store_true", help="never push to the Hugging Face Hub")
+    p.add_argument("--push-to-hub", action="store_true", default=_env_flag(schema.ENV_HF_PUSH),
+                   help="also push the trained LoRA to a private Hugging Face Hub repo "
+                        f"(env {schema.ENV_HF_PUSH}=1; off by default: a token alone, "
+                        "needed for gated base models, never pushes)")
+    p.add_argument("--no-hub", action="store_true",
+                   help="never push to the Hugging Face Hub (overrides --push-to-hub)")
     p.add_argument("--no-progress-bar", action="store_true")
     p.add_argument("--keep-work-dir", action="store_true")
     p.add_argument("--log-level", default=os.environ.get("ACTORGEN_LOG_LEVEL", "INFO"))
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         settings={k: v for k, v in settings.items() if v is not None},
         max_steps_override=args.max_steps_override,
         device=args.device,
-        push_to_hub=not args.no_hub,
+        push_to_hub=args.push_to_hub and not args.no_hub,
         progress_bar=not args.no_progress_bar,
         keep_work_dir=args.keep_work_dir,
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -139,8 +139,12 @@ def _png_text(items: Mapping[str, str]) -> Any:
 
 
 def model_card(model: LoadedModel, config: TrainConfig, metrics: Mapping[str, Any],
-               samples: list[Path]) -> str:
-    """README.md in the Hugging Face model card format."""
+               samples: list[Path], copies: Sequence[str] = ()) -> str:
+    """README.md in the Hugging Face model card format.
+
+    ``copies`` says where the files were put (one markdown line each): a face LoRA's
+    owner must be able to see every place it went.
+    """
     family = "stable-diffusion-xl" if model.kind == SDXL else "stable-diffusion"
     hyper = "\n".join(f"| {k} | {v} |" for k, v in config.hyperparameters().items())
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
@@ -169,6 +173,10 @@ A rank-{config.lora_rank} LoRA (alpha {config.lora_alpha}) on the UNet attention
 projections{" and the text encoders" if config.train_text_encoder else ""}, trained with
 DreamBooth-LoRA on {config.resolution or model.info.native_resolution} px face-centred crops
 of the person's photos.
+
+## Where copies are kept
+
+{chr(10).join(f"- {line}" for line in copies) or "- (not recorded)"}
 
 ## Files
 

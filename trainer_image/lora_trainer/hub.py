@@ -13,7 +13,8 @@ never logged. It comes from, in this order:
   library is needed).
 
 The same token is passed to every ``from_pretrained``/``load_config`` of the
-base model and to the Hub push.
+base model and, only when the deployment opted in (``schema.ENV_HF_PUSH``,
+``--push-to-hub``), to the push of the trained LoRA to a private repo.
 """
 
 from __future__ import annotations
@@ -136,22 +137,60 @@ def repo_name(job_id: str) -> str:
     return f"actorgen-lora-{job_id}".lower()
 
 
-def push_folder(folder: Path, job_id: str, token: str) -> str:
-    """Create (private) and upload to ``<namespace>/actorgen-lora-<job>``; returns the repo id."""
+class PublicRepoRefused(Exception):  # noqa: N818 - reads better at the call sites
+    """The target repo already exists and is public: a face LoRA is never pushed there."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def target_repo(job_id: str, token: str) -> str:
+    """``<namespace>/actorgen-lora-<job>``; the namespace defaults to the token's user."""
+    from huggingface_hub import HfApi
+
+    namespace = os.environ.get(ENV_NAMESPACE) or HfApi(token=token).whoami(token=token)["name"]
+    return f"{namespace}/{repo_name(job_id)}"
+
+
+def planned_repo(job_id: str, token: str | None) -> str | None:
+    """The repo a push will go to, for the model card; None when no push can happen.
+
+    Never raises: a failure here shows up again, recorded, in :func:`maybe_push`.
+    """
+    if not token or _offline():
+        return None
+    try:
+        return target_repo(job_id, token)
+    except Exception as err:  # noqa: BLE001 - the hub client's texts may carry headers
+        log.warning("the Hugging Face namespace could not be read (%s)", type(err).__name__)
+        return None
+
+
+def push_folder(folder: Path, job_id: str, token: str, repo_id: str | None = None) -> str:
+    """Create (private) and upload to ``<namespace>/actorgen-lora-<job>``; returns the repo id.
+
+    ``create_repo(exist_ok=True)`` leaves an existing repo as it is, so its visibility
+    is checked before anything is uploaded: a public one is refused.
+    """
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    namespace = os.environ.get(ENV_NAMESPACE) or api.whoami(token=token)["name"]
-    repo_id = f"{namespace}/{repo_name(job_id)}"
+    repo_id = repo_id or target_repo(job_id, token)
     api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model", token=token)
+    if not api.repo_info(repo_id, repo_type="model", token=token).private:
+        raise PublicRepoRefused(f"not pushed: the Hub repo {repo_id} exists and is public")
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                       commit_message=f"LoRA of training job {job_id}", token=token)
     return repo_id
 
 
 def maybe_push(folder: Path, job_id: str, token: str | None = None, *,
-               token_problem: str | None = None) -> tuple[str | None, str | None]:
+               token_problem: str | None = None,
+               repo_id: str | None = None) -> tuple[str | None, str | None]:
     """Push when a token is configured. Returns ``(repo_id, error)``; never raises.
+
+    Only called when the deployment opted in to pushing (``RunOptions.push_to_hub``).
 
     ``token`` is the one the run already resolved (:func:`hub_token`); when
     ``token`` and ``token_problem`` are both None, the environment is read here.
@@ -168,10 +207,13 @@ def maybe_push(folder: Path, job_id: str, token: str | None = None, *,
         return None, "the Hugging Face token could not be read"
     if not token:
         return None, None
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+    if _offline():
         return None, "not pushed: HF_HUB_OFFLINE is set"
     try:
-        repo_id = push_folder(folder, job_id, token)
+        repo_id = push_folder(folder, job_id, token, repo_id)
+    except PublicRepoRefused as err:
+        log.warning("%s", err)
+        return None, str(err)
     except Exception as err:  # noqa: BLE001
         # Exception texts of the hub client can contain request headers; log the type only.
         log.warning("push to the Hugging Face Hub failed: %s", type(err).__name__)

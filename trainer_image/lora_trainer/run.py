@@ -55,7 +55,9 @@ class RunOptions:
     settings: dict[str, Any] = field(default_factory=dict)  # TrainConfig trainer settings
     max_steps_override: int | None = None
     device: str | None = None  # None: cuda if available
-    push_to_hub: bool = True
+    #: Opt-in (``--push-to-hub``): the LoRA is of a user's face; a configured token is
+    #: for gated base models and must not publish anything by itself.
+    push_to_hub: bool = False
     progress_bar: bool = True
     keep_work_dir: bool = False
 
@@ -305,18 +307,23 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
         export.save_diffusers_lora(model, config, out)
         export.save_kohya_lora(model, config, out)
         samples = export.render_samples(model, config, prepared.resolution, out)
+        prefix = schema.model_prefix(config.user_id, config.actor_id, options.job_id)
+        hub_target = hub.planned_repo(options.job_id, token) if options.push_to_hub else None
         (out / schema.ArtifactName.MODEL_CARD).write_text(
-            export.model_card(model, config, metrics, samples), encoding="utf-8")
+            export.model_card(model, config, metrics, samples,
+                              copies=_copies(bucket.name, prefix, options.push_to_hub,
+                                             hub_target)),
+            encoding="utf-8")
         (out / schema.ArtifactName.TRAINING_CONFIG).write_text(
             export.training_config_json(model, config, metrics, {"jobId": options.job_id,
                                                                  "attempt": options.attempt}),
             encoding="utf-8")
     with timings.phase("uploadSeconds"), reporter.keepalive(S.UPLOADING, beat):
-        prefix = schema.model_prefix(config.user_id, config.actor_id, options.job_id)
         artifacts = export.upload_artifacts(bucket, prefix, out)
         hub_repo, hub_error = hub.maybe_push(
             out, options.job_id, token,
             token_problem=str(token_problem) if token_problem else None,
+            repo_id=hub_target,
         ) if options.push_to_hub else (None, None)
         if hub_error:
             metrics["hubError"] = hub_error
@@ -343,6 +350,21 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
     if not options.keep_work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return EXIT_OK
+
+
+def _copies(bucket: str, prefix: str, push: bool, hub_repo: str | None) -> list[str]:
+    """The model card's list of where this model's files go."""
+    where = [f"Cloud Storage: `gs://{bucket}/{prefix}` (readable by the model's owner only)"]
+    if hub_repo:
+        where.append(f"Hugging Face Hub: the private repository `{hub_repo}` (the job's "
+                     "`metrics.hubError` says if the push failed)")
+    elif push:
+        where.append("Hugging Face Hub: a push was configured but could not be made "
+                     "(see the job's `metrics.hubError`)")
+    else:
+        where.append("Not pushed to the Hugging Face Hub (the deployment's HF_PUSH_MODELS "
+                     "is off)")
+    return where
 
 
 def _resolve_hub_token() -> tuple[str | None, Any]:
