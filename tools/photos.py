@@ -19,6 +19,8 @@ import zlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from PIL import Image
 
 __all__ = [
@@ -42,6 +44,11 @@ __all__ = [
     "truncated",
     "two_people",
     "with_exif_rotation",
+    "REAL_PHOTOS",
+    "real_photo",
+    "real_photo_bytes",
+    "real_photos_missing",
+    "friends",
 ]
 
 #: Sample images without a detectable face, used as backdrops.
@@ -212,3 +219,73 @@ def decompression_bomb(width: int = 40_000, height: int = 40_000) -> bytes:
 def text_as_jpg() -> bytes:
     """Not an image at all, but would be uploaded as notes.jpg."""
     return b"These are my notes, not a photo.\n" * 40
+
+
+# --------------------------------------------------------------------------- real photos
+#: Real photos of people that ship in packages (installed into .venv by bin/setup, never
+#: committed): name -> (source, file). Sources: "face_recognition" (the face_recognition
+#: source archive's test images, unpacked into .venv/share/actorgen-test-photos),
+#: "insightface" (its wheel's data/images).
+REAL_PHOTOS = {
+    # One person, three distinct photos (different days, poses, light, expressions).
+    "obama": ("face_recognition", "obama.jpg"),  # arms crossed, smiling, 910x1137
+    "obama2": ("face_recognition", "obama2.jpg"),  # speaking at a lectern, 626x1200
+    "obama3": ("face_recognition", "obama3.jpg"),  # standing, whole body, 1434x2333
+    # Copies that the files ship as: obama2 re-encoded as RGBA PNG, obama cropped so the
+    # face is cut by the left / right edge.
+    "obama2-rgba": ("face_recognition", "32bit.png"),
+    "obama-cut-left": ("face_recognition", "obama_partial_face.jpg"),
+    "obama-cut-right": ("face_recognition", "obama_partial_face2.jpg"),
+    # Other people.
+    "biden": ("face_recognition", "biden.jpg"),  # 970x2204, standing
+    "friends": ("insightface", "t1.jpg"),  # six people at a table, several turned, 1280x886
+    "hanks": ("insightface", "Tom_Hanks_54745.png"),  # an aligned 112x112 face crop
+}
+
+
+def _real_photo_dir(source: str) -> "Path":
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if source == "face_recognition":
+        return Path(sys.prefix) / "share" / "actorgen-test-photos" / "face_recognition"
+    spec = importlib.util.find_spec(source)  # the package's data, without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return Path("/nonexistent") / source
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "images"
+
+
+def real_photos_missing() -> str | None:
+    """Why the real photos cannot be read (run bin/setup), or None when they are there."""
+    for name, (source, file_name) in REAL_PHOTOS.items():
+        if not (_real_photo_dir(source) / file_name).is_file():
+            return f"real test photo {name!r} ({source}/{file_name}) is missing: run bin/setup"
+    return None
+
+
+def real_photo_bytes(name: str) -> bytes:
+    """The file of real photo ``name`` (see REAL_PHOTOS), as shipped."""
+    source, file_name = REAL_PHOTOS[name]
+    path = _real_photo_dir(source) / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: bin/setup installs the real test photos")
+    return path.read_bytes()
+
+
+@functools.cache
+def _real(name: str) -> "Image.Image":
+    from PIL import Image
+
+    with Image.open(io.BytesIO(real_photo_bytes(name))) as img:
+        return img.convert("RGB")
+
+
+def real_photo(name: str) -> "Image.Image":
+    """Real photo ``name`` (see REAL_PHOTOS) as an RGB image."""
+    return _real(name).copy()
+
+
+def friends() -> "Image.Image":
+    """A real group photo: six people around a table, several turned or looking down."""
+    return real_photo("friends")

@@ -235,6 +235,10 @@ class ImageField:
     SHA256 = "sha256"
     PHASH = "phash"  # 64-bit perceptual hash, 16 hex digits
     FACE = "face"  # {x, y, w, h} of the one face, in oriented pixels
+    LANDMARKS = "landmarks"  # 5 points [{x, y}]: eye corners and nose base, oriented pixels
+    EMBEDDING = "embedding"  # 128 floats: dlib ResNet face embedding (identity)
+    FACE_QUALITY = "faceQuality"  # {sharpness, brightness, clipped, yaw, cutOff}
+    IDENTITY_DISTANCE = "identityDistance"  # embedding distance to the actor's person
     VALIDATED_AT = "validatedAt"
 
 

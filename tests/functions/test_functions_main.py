@@ -16,7 +16,7 @@ import pytest
 from actorgen import tasks
 
 FUNCTIONS_DIR = Path(__file__).resolve().parents[2] / "functions"
-HEAVY = ("PIL", "cv2", "numpy", "pillow_heif", "google.cloud.aiplatform")
+HEAVY = ("PIL", "cv2", "dlib", "numpy", "imagehash", "pillow_heif", "google.cloud.aiplatform")
 
 _DISCOVER = f"""
 import json, sys
