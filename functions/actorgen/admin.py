@@ -5,7 +5,9 @@ Re-dispatch from the Firebase console: open the failed job and change ONE field,
 it gives the job a fresh budget of attempts (``maxAttempts = attempt +
 MAX_ATTEMPTS``; attempt numbers keep counting up so each attempt's executor labels
 stay unique), clears ``error``, keeps ``attemptHistory`` (adding a marker), and
-releases the job to the dispatcher (``nextAttemptAt`` = now).
+releases the job to the dispatcher (``nextAttemptAt`` = now). While another job of
+the same actor is queued or running (intake's one-active-job-per-actor rule), the
+re-dispatch is refused: ``failed`` is put back and the reason logged.
 
 A change from ``failed`` to ``queued`` is always an admin's (no pipeline path
 writes it), so it is a re-dispatch with a fresh budget even when the failed job
@@ -29,7 +31,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from actorgen import jobs, schema
+from actorgen import intake, jobs, schema
 from actorgen.schema import AttemptOutcome, Field, JobStatus
 from actorgen.txn import run_in_transaction
 
@@ -47,6 +49,7 @@ class AdminAction:
     REDISPATCH = "redispatch"
     REVERT = "revert"  # a hand-made change to queued that is not allowed
     CANCEL = "cancel"
+    REFUSE = "refuse"  # a re-dispatch while the actor has another job in progress
 
 
 def review_update(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> str:
@@ -136,6 +139,7 @@ def _apply(
 ) -> str:
     job_ref = db.collection(schema.TRAINING_JOBS).document(job_id)
     previous_status = before.get(Field.STATUS)
+    refused: list[str] = []  # why a re-dispatch was refused (the last try's reason)
 
     def apply(transaction: Any) -> str:
         snap = job_ref.get(transaction=transaction)
@@ -159,6 +163,12 @@ def _apply(
             return action
         schema.check_transition(JobStatus.FAILED, JobStatus.QUEUED)
         actor_ref, actor = jobs.read_actor(db, transaction, job)
+        busy = (intake.blocking_jobs(db, transaction, job[Field.ACTOR_ID], job_id)
+                if actor_ref is not None else [])
+        if busy:  # intake's one-active-job-per-actor rule: two GPU jobs for one actor
+            refused.append(intake.busy_actor_problem(job[Field.ACTOR_ID], busy))
+            transaction.update(job_ref, {Field.STATUS: JobStatus.FAILED, Field.UPDATED_AT: now})
+            return AdminAction.REFUSE
         transaction.update(job_ref, redispatch_update(job, settings, now))
         jobs.follow_on_actor(transaction, actor_ref, actor, job, job_id, JobStatus.QUEUED, None)
         return action
@@ -169,6 +179,8 @@ def _apply(
             "job %s: status was set to queued by hand from %r; only failed jobs can be "
             "re-dispatched, so %r was restored", job_id, previous_status, previous_status,
         )
+    elif result == AdminAction.REFUSE:
+        log.warning("job %s: re-dispatch refused, the job stays failed: %s", job_id, refused[-1])
     elif result == AdminAction.REDISPATCH:
         log.info("job %s re-dispatched by an admin", job_id)
         from actorgen import tasks

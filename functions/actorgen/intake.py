@@ -92,10 +92,7 @@ def review_job(
 
     blocking = sorted(other_active_jobs)
     if blocking and owned:
-        problems.append(
-            f"actor {actor_id!r} already has a training job in progress ({blocking[0]}); wait "
-            "for it to finish or cancel it before starting another"
-        )
+        problems.append(busy_actor_problem(actor_id, blocking))
         may_update_actor = False  # the actor belongs to the job in progress
 
     problems.extend(_instance_name_problems(job.get(Field.INSTANCE_NAME)))
@@ -132,6 +129,31 @@ def review_job(
         Field.BASE_MODEL_ID: base_model,
     }
     return Review((), values, True)
+
+
+def busy_actor_problem(actor_id: str, blocking: Iterable[str]) -> str:
+    """Why a job cannot go ahead while ``blocking`` jobs hold its actor (one per actor)."""
+    first = sorted(blocking)[0]
+    return (
+        f"actor {actor_id!r} already has a training job in progress ({first}); wait "
+        "for it to finish or cancel it before starting another"
+    )
+
+
+def blocking_jobs(db: FirestoreClient, transaction: Any, actor_id: str, job_id: str) -> list[str]:
+    """Ids of the actor's jobs other than ``job_id`` in :data:`BLOCKING_STATUSES`.
+
+    Read in ``transaction``, so intake and an admin's re-dispatch both keep the
+    one-active-job-per-actor rule.
+    """
+    from google.cloud.firestore_v1.base_query import FieldFilter
+
+    query = (
+        db.collection(schema.TRAINING_JOBS)
+        .where(filter=FieldFilter(Field.ACTOR_ID, "==", actor_id))
+        .where(filter=FieldFilter(Field.STATUS, "in", sorted(BLOCKING_STATUSES)))
+    )
+    return [s.id for s in query.get(transaction=transaction) if s.id != job_id]
 
 
 def _instance_name_problems(name: Any) -> list[str]:
@@ -197,8 +219,6 @@ def process_job(
     Idempotent: a job that is no longer pending is left alone. When queued and
     ``nudge`` is set, the dispatcher is nudged through Cloud Tasks (best effort).
     """
-    from google.cloud.firestore_v1.base_query import FieldFilter
-
     from actorgen import clients
 
     db = db or clients.firestore_client()
@@ -220,12 +240,7 @@ def process_job(
             actor_snap = actor_ref.get(transaction=transaction)
             actor = actor_snap.to_dict() if actor_snap.exists else None
             if actor is not None and actor.get(Field.USER_ID) == job.get(Field.USER_ID):
-                query = (
-                    db.collection(schema.TRAINING_JOBS)
-                    .where(filter=FieldFilter(Field.ACTOR_ID, "==", actor_id))
-                    .where(filter=FieldFilter(Field.STATUS, "in", sorted(BLOCKING_STATUSES)))
-                )
-                others = [s.id for s in query.get(transaction=transaction) if s.id != job_id]
+                others = blocking_jobs(db, transaction, actor_id, job_id)
         review = review_job(job, actor, settings, other_active_jobs=others)
         status = JobStatus.QUEUED if review.accepted else JobStatus.REJECTED
         schema.check_transition(job.get(Field.STATUS), status)

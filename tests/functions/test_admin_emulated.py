@@ -124,3 +124,32 @@ def test_a_failed_job_with_a_leftover_next_attempt_at_gets_a_fresh_budget(
     report = dispatch.run_dispatch_pass(SETTINGS, db=db, executor=executor)
     assert report.submitted == [job_id]
     assert read(db, JOBS, job_id)[Field.ATTEMPT] == 4
+
+
+def test_redispatch_is_refused_while_the_actor_has_another_job_in_progress(
+    db: Any, executor_factory: Any
+) -> None:
+    """Intake's one-active-job-per-actor rule holds for an admin's re-dispatch too."""
+    executor = executor_factory()
+    job_id = failed_job(db)
+    actor_id = read(db, JOBS, job_id)[Field.ACTOR_ID]
+    # The user started a new job for the same actor after the first one failed.
+    newer = put_queued_job(db, "alice", actor_id=actor_id)
+    db.collection(JOBS).document(newer).update({Field.STATUS: JobStatus.TRAINING})
+    before, after = console_edit(db, job_id, **{Field.STATUS: JobStatus.QUEUED})
+
+    assert admin.handle_job_update(job_id, before, after, SETTINGS, db=db) == AdminAction.REFUSE
+    job = read(db, JOBS, job_id)
+    assert job[Field.STATUS] == JobStatus.FAILED
+    assert job[Field.MAX_ATTEMPTS] == 3  # no fresh budget
+    assert job[Field.ERROR] == "Training failed after 3 attempts: boom"  # the reason stays
+    assert read(db, schema.ACTORS, actor_id)[Field.LATEST_JOB_ID] == newer
+    assert dispatch.run_dispatch_pass(SETTINGS, db=db, executor=executor).submitted == []
+
+    # Once the other job has ended, the same re-dispatch goes through.
+    db.collection(JOBS).document(newer).update({Field.STATUS: JobStatus.COMPLETED})
+    before, after = console_edit(db, job_id, **{Field.STATUS: JobStatus.QUEUED})
+    assert admin.handle_job_update(job_id, before, after, SETTINGS, db=db) == (
+        AdminAction.REDISPATCH
+    )
+    assert read(db, JOBS, job_id)[Field.MAX_ATTEMPTS] == 6
