@@ -111,3 +111,23 @@ def test_env_trainer_args_are_defaults_the_command_line_overrides(
     monkeypatch.setenv(schema.ENV_TRAINER_ARGS, "--sample-steps 8 --num-samples 2")
     args = parse_args(with_env_defaults(["--job-id", "j1", "--num-samples", "3"]))
     assert (args.job_id, args.sample_steps, args.num_samples) == ("j1", 8, 3)
+
+
+@pytest.mark.parametrize(("device_name", "model"), [
+    ("NVIDIA L4", "L4"),
+    ("NVIDIA L40", "L40"),
+    ("NVIDIA L40S", "L40S"),
+    ("NVIDIA H100 80GB HBM3", "H100"),
+    ("NVIDIA A100-SXM4-40GB", "A100"),
+    ("NVIDIA A10", "A10"),
+    ("Tesla T4", "T4"),
+    ("Tesla V100-SXM2-16GB", "V100"),
+])
+def test_peak_flops_match_the_whole_model_name(device_name: str, model: str) -> None:
+    # L40 and L40S are not an L4 (nor an A100 an A10): a wrong figure makes a wrong first ETA.
+    assert cfg.peak_flops(device_name) == cfg.PEAK_FLOPS[model]
+
+
+def test_an_unknown_gpu_gets_the_default_peak() -> None:
+    assert cfg.peak_flops("NVIDIA GeForce RTX 4090") == cfg.DEFAULT_PEAK_FLOPS
+    assert cfg.peak_flops("NVIDIA L4X") == cfg.DEFAULT_PEAK_FLOPS

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -232,3 +233,22 @@ def estimate_training_seconds(kind: str, native_resolution: int, config: TrainCo
     steps = config.max_train_steps if remaining_steps is None else remaining_steps
     achieved = peak_flops * TYPICAL_UTILISATION
     return steps * step_flops(kind, native_resolution, config, gradient_checkpointing) / achieved
+
+
+#: Dense bf16 tensor throughput of common training GPUs (FLOP/s), for the first ETA.
+#: Keys are whole model names: "L4" must not match "NVIDIA L40S".
+PEAK_FLOPS: Final = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12,
+                     "V100": 125e12, "A10": 125e12, "L40": 181e12, "L40S": 362e12}
+#: Assumed for a GPU the table does not know.
+DEFAULT_PEAK_FLOPS: Final = 100e12
+
+
+def peak_flops(device_name: str) -> float:
+    """Peak bf16 FLOP/s of the GPU that CUDA calls ``device_name`` (e.g. "NVIDIA L4").
+
+    Matched word by word ("NVIDIA A100-SXM4-40GB" is an A100), never by substring.
+    """
+    for word in re.split(r"[\s_-]+", device_name.upper()):
+        if word in PEAK_FLOPS:
+            return PEAK_FLOPS[word]
+    return DEFAULT_PEAK_FLOPS

@@ -458,11 +458,6 @@ def finish_with_retry(reporter: Any, result: Any, *, retries: int | None = None,
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-#: Dense bf16 tensor throughput of common training GPUs (FLOP/s), for the first ETA.
-_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12,
-               "V100": 125e12, "A10": 125e12, "L40": 181e12}
-
-
 def _latest_of_earlier_attempts(bucket: Any, options: RunOptions, work: Path, device: Any,
                                 fingerprint: dict[str, Any]) -> Any:
     """The newest usable checkpoint of an earlier attempt of this job, if any.
@@ -487,8 +482,6 @@ def _latest_of_earlier_attempts(bucket: Any, options: RunOptions, work: Path, de
 def _peak_flops(device: Any) -> float:
     import torch
 
-    name = torch.cuda.get_device_name(device)
-    for key, flops in _PEAK_FLOPS.items():
-        if key in name:
-            return flops
-    return 100e12
+    from .config import peak_flops
+
+    return peak_flops(torch.cuda.get_device_name(device))
