@@ -162,3 +162,11 @@ def test_status_history_is_bounded_keeping_the_newest() -> None:
     history = job[Field.STATUS_HISTORY]
     assert len(history) == STATUS_HISTORY_LIMIT
     assert history[-1]["at"] == STATUS_HISTORY_LIMIT + 9
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, 0), (7, 7), (7.0, 7), (50, 0), (-1, 0),
+                                                ("high", 0), (True, 0)])
+def test_job_priority_is_the_valid_value_or_the_default(raw: object, expected: int) -> None:
+    job = {} if raw is None else {Field.PRIORITY: raw}
+    assert schema.job_priority(job) == expected
+    assert Field.PRIORITY not in schema.HYPERPARAMETER_SPECS  # scheduling, not training

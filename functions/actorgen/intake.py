@@ -127,6 +127,7 @@ def review_job(
         Field.INSTANCE_NAME: job[Field.INSTANCE_NAME],
         Field.CLASS_WORD: class_word,
         Field.BASE_MODEL_ID: base_model,
+        Field.PRIORITY: schema.job_priority(job),
     }
     return Review((), values, True)
 

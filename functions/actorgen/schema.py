@@ -434,9 +434,18 @@ HYPERPARAMETERS: Final[tuple[ParamSpec, ...]] = (
     ParamSpec(Field.PRIOR_PRESERVATION, bool, False),
     ParamSpec(Field.MIN_SNR_GAMMA, float, 5.0, 0.0, 20.0, "0 disables min-SNR weighting"),
     ParamSpec(Field.SEED, int, 1234, 0, 2**31 - 1),
-    ParamSpec(Field.PRIORITY, int, 0, 0, 10),
 )
 HYPERPARAMETER_SPECS: Final = {spec.field: spec for spec in HYPERPARAMETERS}
+#: Scheduling, not training (so never checked by the trainer): an admin sets it in the
+#: console, the dispatcher takes higher first. Intake writes it, since Firestore
+#: queries ordered by a field skip documents that lack it.
+PRIORITY_SPEC: Final = ParamSpec(Field.PRIORITY, int, 0, 0, 10)
+
+
+def job_priority(job: Mapping[str, Any]) -> int:
+    """The job's valid ``priority``; the default when absent or out of range."""
+    value, problem = _coerce(PRIORITY_SPEC, job.get(Field.PRIORITY, PRIORITY_SPEC.default))
+    return PRIORITY_SPEC.default if problem else value
 
 DEFAULT_CLASS_WORD: Final = "person"
 INSTANCE_NAME_PATTERN: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{1,31}$")

@@ -131,3 +131,10 @@ def test_peak_flops_match_the_whole_model_name(device_name: str, model: str) -> 
 def test_an_unknown_gpu_gets_the_default_peak() -> None:
     assert cfg.peak_flops("NVIDIA GeForce RTX 4090") == cfg.DEFAULT_PEAK_FLOPS
     assert cfg.peak_flops("NVIDIA L4X") == cfg.DEFAULT_PEAK_FLOPS
+
+
+@pytest.mark.parametrize("priority", [50, -3, "urgent", None])
+def test_the_scheduling_priority_is_not_a_training_setting(priority: object) -> None:
+    # An admin sets priority in the console; whatever it holds, the training is the same.
+    config = cfg.TrainConfig.from_job("j1", 1, _job(**{F.PRIORITY: priority}))
+    assert config == cfg.TrainConfig.from_job("j1", 1, _job())
