@@ -13,7 +13,12 @@ while after upload.
 The reconciler compares each active job with its executor job. :func:`decide` is
 the pure decision; :func:`reconcile_job` applies it in a transaction that re-reads
 the job and decides again, so a trainer's ``completed`` (or a fresh heartbeat)
-written meanwhile always wins. A failed attempt (executor failed, cancelled,
+written meanwhile always wins. The transaction acts only while the job is still on
+the attempt and executor job the executor's state was read for: if another pass
+retried it, an admin re-dispatched it or a new attempt was submitted meanwhile, the
+state read belongs to an attempt that is over, and nothing is written. A decision
+re-made in the transaction that needs the executor job stopped (a stale heartbeat,
+a cancel request written meanwhile) is recorded only after it was stopped. A failed attempt (executor failed, cancelled,
 expired or lost; executor succeeded without the trainer writing ``completed``; or
 the trainer's heartbeat went stale while the executor still runs it) is recorded
 in ``attemptHistory`` and re-queued with exponential backoff (``nextAttemptAt``)
@@ -342,15 +347,51 @@ def reconcile_job(
     decision = decide(job, executor_job, settings, now)
     if decision.action == Action.NONE:
         return Action.NONE
-    if decision.cancel_executor and executor_job is not None:
-        # Stop it before recording: if cancel fails we retry next pass, never leak a GPU.
-        try:
-            executor.cancel(executor_job.name)
-        except ExecutorError as err:
-            log.warning("job %s: cancelling %s failed (%s); retrying next pass",
-                        job_id, executor_job.name, err)
-            return Action.NONE
-    return _record(db, job_id, executor_job, settings, now)
+    seen = _Seen(jobs.as_int(job.get(Field.ATTEMPT)), job.get(Field.EXECUTOR_JOB_NAME))
+    cancelled = False
+    while True:
+        if decision.cancel_executor and executor_job is not None and not cancelled:
+            # Stop it before recording: if cancel fails we retry next pass, never leak a GPU.
+            try:
+                executor.cancel(executor_job.name)
+            except ExecutorError as err:
+                log.warning("job %s: cancelling %s failed (%s); retrying next pass",
+                            job_id, executor_job.name, err)
+                return Action.NONE
+            cancelled = True
+        action, decision = _record(db, job_id, executor_job, settings, now, seen, cancelled)
+        if action != _CANCEL_FIRST:
+            return action
+        # The decision re-made on the fresh document needs the executor job stopped
+        # (a stale heartbeat or a cancel request written meanwhile): stop it, record again.
+
+
+#: _record: the fresh decision needs the executor job cancelled, which has not happened.
+_CANCEL_FIRST: Final = "cancel-first"
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """The attempt and executor job a reconcile decision was made about."""
+
+    attempt: int
+    executor_job_name: str | None
+
+    def still_current(self, job: Mapping[str, Any], executor_job: ExecutorJob | None) -> bool:
+        """Whether ``job`` (re-read in the transaction) is still on that attempt and
+        executor job: a retry, a re-dispatch or a new submission since makes the
+        executor state read outside the transaction someone else's."""
+        if jobs.as_int(job.get(Field.ATTEMPT)) != self.attempt:
+            return False
+        recorded = job.get(Field.EXECUTOR_JOB_NAME)
+        if recorded == self.executor_job_name:
+            return True
+        # Found by its labels before the dispatcher recorded its name: the same job.
+        return (
+            self.executor_job_name is None
+            and executor_job is not None
+            and recorded == executor_job.name
+        )
 
 
 def _record(
@@ -359,19 +400,28 @@ def _record(
     executor_job: ExecutorJob | None,
     settings: Settings,
     now: datetime,
-) -> str:
+    seen: _Seen,
+    executor_cancelled: bool,
+) -> tuple[str, Decision]:
+    """Apply the decision, re-made on the fresh document, in a transaction.
+
+    Returns (Action, decision); :data:`_CANCEL_FIRST` (nothing written) when the fresh
+    decision needs the executor job cancelled and ``executor_cancelled`` is False.
+    """
     job_ref = db.collection(schema.TRAINING_JOBS).document(job_id)
 
-    def record(transaction: Any) -> str:
+    def record(transaction: Any) -> tuple[str, Decision]:
         snap = job_ref.get(transaction=transaction)
         job = snap.to_dict() if snap.exists else None
-        if job is None:
-            return Action.NONE
+        if job is None or not seen.still_current(job, executor_job):
+            return Action.NONE, NOTHING  # moved on to another attempt: not ours to judge
         # Decide again on the fresh document: completed or a new heartbeat wins.
         decision = decide(job, executor_job, settings, now)
+        if decision.cancel_executor and executor_job is not None and not executor_cancelled:
+            return _CANCEL_FIRST, decision
         status, update = apply_update(job, decision, executor_job, settings, now)
         if not update:
-            return Action.NONE
+            return Action.NONE, decision
         actor_ref, actor = jobs.read_actor(db, transaction, job)
         if status is not None:
             schema.check_transition(job.get(Field.STATUS), status)
@@ -379,12 +429,12 @@ def _record(
         if status is not None:
             jobs.follow_on_actor(transaction, actor_ref, actor, job, job_id, status,
                                  update.get(Field.ERROR))
-        return decision.action
+        return decision.action, decision
 
-    action = run_in_transaction(db, record)
-    if action not in (Action.NONE, Action.OBSERVE):
+    action, decision = run_in_transaction(db, record)
+    if action not in (Action.NONE, Action.OBSERVE, _CANCEL_FIRST):
         log.info("job %s reconciled: %s", job_id, action)
-    return action
+    return action, decision
 
 
 def cancel_job(
