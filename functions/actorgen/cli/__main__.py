@@ -1,0 +1,3 @@
+from actorgen.cli.main import main
+
+raise SystemExit(main())
