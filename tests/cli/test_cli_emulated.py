@@ -307,3 +307,35 @@ def test_the_installed_entry_point_runs_as_a_process(emulators: Any, db: Any) ->
     proc = subprocess.run([sys.executable, "-m", "actorgen.cli", "job", "missing"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_NOT_FOUND and "no job 'missing'" in proc.stderr
+
+
+def test_redispatch_keeps_one_active_job_per_actor(db: Any) -> None:
+    actor_id = put_actor(db, "alice")
+    failed = put_job(db, JobStatus.FAILED, actor_id=actor_id, **{Field.ATTEMPT: 3,
+                                                                 Field.MAX_ATTEMPTS: 3})
+    running = put_job(db, JobStatus.TRAINING, actor_id=actor_id)
+    before = read(db, JOBS, failed)
+    code, _, err = run("redispatch", failed, "--wait", "0")
+    assert code == EXIT_REFUSED
+    assert f"actor {actor_id!r} already has a training job in progress ({running})" in err
+    assert read(db, JOBS, failed) == before
+
+
+def test_a_redispatch_the_function_turns_down_is_reported_refused(db: Any) -> None:
+    actor_id = put_actor(db, "alice")
+    failed = put_job(db, JobStatus.FAILED, actor_id=actor_id, **{Field.ATTEMPT: 3,
+                                                                 Field.MAX_ATTEMPTS: 3})
+    before = read(db, JOBS, failed)
+    join = in_background(lambda: run("redispatch", failed, "--wait", "30"))
+
+    def another_job_started_meanwhile(after: dict) -> bool:
+        if after[Field.STATUS] != JobStatus.QUEUED:
+            return False
+        put_job(db, JobStatus.QUEUED, actor_id=actor_id)
+        return True
+
+    action = deliver_update_when(db, failed, another_job_started_meanwhile, before)
+    assert action == admin.AdminAction.REFUSE
+    code, out, err = join()
+    assert code == EXIT_REFUSED and "refused: now failed" in out
+    assert "put the job back to failed" in err

@@ -280,7 +280,9 @@ def cmd_redispatch(args: argparse.Namespace, output: Output) -> int:
             job.get(Field.NEXT_ATTEMPT_AT) is not None
 
     return _report_request(db, args, output, "re-dispatch", settled,
-                           accepted=lambda job: job.get(Field.STATUS) != JobStatus.FAILED)
+                           accepted=lambda job: job.get(Field.STATUS) != JobStatus.FAILED,
+                           refusal="the on_job_updated function put the job back to failed "
+                           "(its log says why, e.g. another job of the actor started meanwhile)")
 
 
 def cmd_cancel(args: argparse.Namespace, output: Output) -> int:
@@ -292,11 +294,12 @@ def cmd_cancel(args: argparse.Namespace, output: Output) -> int:
         db, args, output, "cancel",
         settled=lambda job: (job.get(Field.STATUS) or JobStatus.PENDING) in views.ENDED_STATUSES,
         accepted=lambda job: job.get(Field.STATUS) == JobStatus.CANCELLED,
+        refusal="the job ended otherwise before the cancellation took effect",
     )
 
 
 def _report_request(db: Any, args: argparse.Namespace, output: Output, what: str,
-                    settled: Any, accepted: Any) -> int:
+                    settled: Any, accepted: Any, refusal: str) -> int:
     from actorgen.cli import store
 
     if args.wait <= 0:
@@ -315,9 +318,10 @@ def _report_request(db: Any, args: argparse.Namespace, output: Output, what: str
     output.result(
         {"id": args.job_id, "requested": what, "confirmed": ok, "status": status,
          "error": job.get(Field.ERROR)},
-        [f"{what} of job {args.job_id} {'done' if ok else 'refused'}: now {status}"
-         + (f" ({job[Field.ERROR]})" if not ok and job.get(Field.ERROR) else "")],
+        [f"{what} of job {args.job_id} {'done' if ok else 'refused'}: now {status}"],
     )
+    if not ok:
+        output.note(f"actorgen {args.command}: {refusal}")
     return EXIT_OK if ok else EXIT_REFUSED
 
 

@@ -194,10 +194,26 @@ def _request(
             raise Refused(refusal(job))
         if Field.STATUS in change:
             schema.check_transition(job.get(Field.STATUS), change[Field.STATUS])
+        if expected == admin.AdminAction.REDISPATCH:
+            _check_actor_is_free(db, transaction, job_id, job)
         transaction.update(ref, change)
         return job
 
     return run_in_transaction(db, write)
+
+
+def _check_actor_is_free(db: FirestoreClient, transaction: Any, job_id: str,
+                         job: dict[str, Any]) -> None:
+    """Intake's one-active-job-per-actor rule, which the trigger applies to a re-dispatch
+    too: refused here with its reason rather than put back by the trigger."""
+    from actorgen import intake
+
+    actor_id = job.get(Field.ACTOR_ID)
+    if not isinstance(actor_id, str) or not actor_id or "/" in actor_id:
+        return
+    busy = intake.blocking_jobs(db, transaction, actor_id, job_id)
+    if busy:
+        raise Refused(intake.busy_actor_problem(actor_id, busy))
 
 
 def wait_for(
