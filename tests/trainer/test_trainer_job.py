@@ -22,6 +22,7 @@ import torch
 from actorgen import schema
 from lora_trainer.checkpoints import MARKER
 from lora_trainer.run import EXIT_FAILED, EXIT_OK, RunOptions, run_job
+from lora_trainer.timing import Phase
 
 from tests.trainer.seed import REPO_ROOT, TOY_ARGS, TOY_SETTINGS, SeededJob, seed_job, trainer_env
 
@@ -39,10 +40,11 @@ def _command(job: SeededJob, emulators: Any, work: Path, *extra: str,
 
 
 def _run_cli(job: SeededJob, emulators: Any, work: Path, *extra: str,
-             timeout: float = 240, attempt: int = 1) -> subprocess.CompletedProcess[str]:
+             timeout: float = 240, attempt: int = 1,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(_command(job, emulators, work, *extra, attempt=attempt),
-                          env=trainer_env(emulators.env), cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          env=trainer_env({**emulators.env, **(env or {})}), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _run_in_process(job: SeededJob, emulators: Any, work: Path, steps: int = 3,
@@ -88,7 +90,8 @@ def test_whole_job_from_documents_to_published_lora(emulators: Any, db: Any, buc
                                                     tiny_sd: Path, tmp_path: Path) -> None:
     job = seed_job(db, bucket, tiny_sd, images=4)
     result = _run_cli(job, emulators, tmp_path / "work", "--max-steps-override", "12",
-                      "--checkpoint-every", "5")
+                      "--checkpoint-every", "5",
+                      env={schema.ENV_GPU_PRICE_PER_HOUR: "3.6"})
     assert result.returncode == 0, result.stderr[-3000:]
 
     doc = job.job(db)
@@ -111,8 +114,14 @@ def test_whole_job_from_documents_to_published_lora(emulators: Any, db: Any, buc
     assert metrics["finalLoss"] > 0 and metrics["evalLossStart"] > 0
     # Every seeded photo has a face: the loss is face-weighted on all of them.
     assert metrics["faceLossWeight"] == 2.0 and metrics["faceWeightedPhotos"] == 4
-    assert {"prepareSeconds", "trainSeconds", "exportSeconds", "uploadSeconds",
-            "totalSeconds"} <= set(doc[F.TIMINGS])
+    timings = doc[F.TIMINGS]
+    assert set(Phase.ORDER) - {Phase.CLASS_IMAGES, Phase.COMPILE} <= set(timings), timings
+    phases = sum(v for k, v in timings.items() if k != Phase.TOTAL)
+    assert phases <= timings[Phase.TOTAL] + 0.01  # phases never overlap
+    # Worker seconds from the process start to the last write, priced at 3.6 USD/hour.
+    assert doc[F.GPU_SECONDS] >= timings[Phase.TOTAL] - 0.05  # (each write rounds to ms)
+    assert doc[F.ESTIMATED_COST_USD] == pytest.approx(doc[F.GPU_SECONDS] / 1000, rel=1e-3)
+    assert "where the time went" in result.stderr
 
     actor = job.actor(db)
     assert actor is not None

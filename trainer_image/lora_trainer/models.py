@@ -91,6 +91,20 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, torch.
     return requested, dtype
 
 
+def import_libraries() -> None:
+    """Import diffusers', transformers' and peft's classes now (several seconds, lazily
+    loaded on first use otherwise), so that the job's timings show them as imports
+    rather than inside the first phase that touches them."""
+    import peft  # noqa: F401
+    from diffusers import (  # noqa: F401
+        AutoencoderKL,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

@@ -23,6 +23,7 @@ from typing import Any
 from actorgen import schema
 
 from .errors import AlreadyCompleted, Cancelled, StopTraining, Superseded, TrainerError
+from .timing import WorkerMeter, increments
 from .training import Progress
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,11 @@ class JobReporter:
     """Writes one attempt's view of a training job to Firestore."""
 
     def __init__(self, db: Any, job_id: str, attempt: int, *, min_interval: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 meter: WorkerMeter | None = None) -> None:
         self.db = db
+        # Each write adds the worker seconds since the previous one to gpuSeconds.
+        self.meter = meter
         self.job_id = job_id
         self.attempt = attempt
         self.min_interval = min_interval
@@ -79,6 +83,19 @@ class JobReporter:
         self.writes = 0  # progress writes made (for tests and logs)
 
     # ------------------------------------------------------------- helpers
+    @contextlib.contextmanager
+    def _charge(self) -> Iterator[dict[str, Any]]:
+        """``gpuSeconds`` (and ``estimatedCostUsd``) increments for one write.
+
+        Taken once outside the transaction (a retried transaction function
+        adds the same amount); given back to the meter if the write fails.
+        """
+        if self.meter is None:
+            yield {}
+            return
+        with self.meter.charge() as amounts:
+            yield increments(amounts)
+
     def _actor_ref(self, actor_id: str) -> Any:
         return self.db.collection(schema.ACTORS).document(actor_id)
 
@@ -128,7 +145,7 @@ class JobReporter:
                 actor_ref = self._actor_ref(str(actor_id))
                 snap = actor_ref.get(transaction=transaction)
                 actor = snap.to_dict() if snap.exists else None
-            updates: dict[str, Any] = {F.ERROR: None}
+            updates: dict[str, Any] = {F.ERROR: None, **charged}
             if not job.get(F.STARTED_AT):
                 updates[F.STARTED_AT] = _server_time()
             # _transition re-reads inside the same transaction (cheap, consistent).
@@ -140,18 +157,21 @@ class JobReporter:
                 })
             return job, actor
 
-        job, actor = txn(self.db.transaction())
+        with self._charge() as charged:
+            job, actor = txn(self.db.transaction())
         self.actor_id = str(job.get(F.ACTOR_ID) or "") or None
         return job, actor
 
     def set_status(self, status: str, **fields: Any) -> None:
         """A status change (``training``, ``uploading``) with extra job fields."""
 
-        @_transactional
-        def txn(transaction: Any) -> None:
-            self._transition(transaction, status, fields)
+        with self._charge() as charged:
 
-        txn(self.db.transaction())
+            @_transactional
+            def txn(transaction: Any) -> None:
+                self._transition(transaction, status, {**fields, **charged})
+
+            txn(self.db.transaction())
         self._last_progress = self.clock()
 
     @contextlib.contextmanager
@@ -267,6 +287,7 @@ class JobReporter:
                 F.FINISHED_AT: now,
                 F.HEARTBEAT_AT: now,
                 F.UPDATED_AT: now,
+                **charged,
             })
             if actor is not None:
                 updates: dict[str, Any] = {F.MODEL_VERSIONS: others + [entry]}
@@ -279,7 +300,8 @@ class JobReporter:
                 transaction.update(actor_ref, updates)
             return version
 
-        return txn(self.db.transaction())
+        with self._charge() as charged:
+            return txn(self.db.transaction())
 
     def finish_failure(self, message: str) -> bool:
         """Record ``failed`` and ``message`` on job and actor. Never raises.
@@ -308,10 +330,12 @@ class JobReporter:
                 job = self._read_job(transaction)
                 if job.get(F.STATUS) not in schema.ACTIVE_JOB_STATUSES:
                     return False
-                transaction.update(self.job_ref, {F.ERROR: message, F.UPDATED_AT: _server_time()})
+                transaction.update(self.job_ref, {F.ERROR: message, F.UPDATED_AT: _server_time(),
+                                                  **charged})
                 return True
 
-            return bool(txn(self.db.transaction()))
+            with self._charge() as charged:
+                return bool(txn(self.db.transaction()))
         except Exception as err:  # noqa: BLE001 - called from error handlers
             log.error("could not record the attempt's error on the job: %s", err)
             return False
@@ -348,6 +372,7 @@ class JobReporter:
                 F.FINISHED_AT: now,
                 F.UPDATED_AT: now,
                 F.ETA_SECONDS: None,
+                **charged,
             })
             if actor is not None and actor_ref is not None and self._owns_actor(actor):
                 has_model = bool(actor.get(F.MODEL_ID))
@@ -357,7 +382,23 @@ class JobReporter:
                 })
             return True
 
-        return bool(txn(self.db.transaction()))
+        with self._charge() as charged:
+            return bool(txn(self.db.transaction()))
+
+    def record_final_timings(self, values: Mapping[str, float]) -> bool:
+        """Add phases measured after the completing write (its own duration, cleanup).
+
+        A plain update of ``timings.<phase>`` plus the last worker seconds.
+        Never raises: the model is published whatever happens here.
+        """
+        try:
+            with self._charge() as charged:
+                self.job_ref.update({**{f"{F.TIMINGS}.{name}": value
+                                        for name, value in values.items()}, **charged})
+            return True
+        except Exception as err:  # noqa: BLE001 - after completion, nothing may fail
+            log.warning("could not record the final timings: %s", err)
+            return False
 
 
 def _finite(x: float) -> float | None:

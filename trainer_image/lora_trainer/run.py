@@ -35,6 +35,8 @@ from .errors import (
     describe,
     is_permanent,
 )
+from .timing import Phase, PhaseTimer, WorkerMeter, format_table, price_per_hour, \
+    process_start_monotonic
 
 log = logging.getLogger(__name__)
 F = schema.Field
@@ -60,32 +62,6 @@ class RunOptions:
     push_to_hub: bool = False
     progress_bar: bool = True
     keep_work_dir: bool = False
-
-
-class Timings:
-    """Wall-clock seconds per phase (written to the job's ``timings``)."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, float] = {}
-        self._start = time.monotonic()
-
-    def phase(self, name: str) -> _Phase:
-        return _Phase(self, name)
-
-    def total(self) -> dict[str, float]:
-        return {**self.values, "totalSeconds": round(time.monotonic() - self._start, 3)}
-
-
-class _Phase:
-    def __init__(self, timings: Timings, name: str) -> None:
-        self.timings, self.name = timings, name
-
-    def __enter__(self) -> None:
-        self.start = time.monotonic()
-
-    def __exit__(self, *_: Any) -> None:
-        elapsed = time.monotonic() - self.start
-        self.timings.values[self.name] = round(self.timings.values.get(self.name, 0) + elapsed, 3)
 
 
 def check_disk_space(path: Path, needed_bytes: int) -> None:
@@ -125,10 +101,15 @@ def record_startup_failure(job_id: str, attempt: int, project: str | None,
 
 def run_job(options: RunOptions) -> int:
     """Run one attempt of one job; returns the process exit code."""
-    from actorgen import clients
+    started = process_start_monotonic()
+    timer = PhaseTimer(started)
+    timer.mark_since_start(Phase.STARTUP)
+    meter = WorkerMeter(started, price_per_hour=price_per_hour())
+    with timer.phase(Phase.IMPORTS):
+        from actorgen import clients
 
-    from .reporting import JobNotFound, JobReporter
-    from .training import StopFlag
+        from .reporting import JobNotFound, JobReporter
+        from .training import StopFlag
 
     if options.project:
         os.environ[schema.ENV_PROJECT] = options.project
@@ -141,8 +122,9 @@ def run_job(options: RunOptions) -> int:
         db = clients.firestore_client()
         bucket = clients.storage_bucket(options.bucket or clients.default_bucket_name())
         interval = float(options.settings.get("report_every_seconds") or 5.0)
-        reporter = JobReporter(db, options.job_id, options.attempt, min_interval=interval)
-        return _run(options, reporter, bucket, stop)
+        reporter = JobReporter(db, options.job_id, options.attempt, min_interval=interval,
+                               meter=meter)
+        return _run(options, reporter, bucket, stop, timer)
     except AlreadyCompleted:
         log.info("job %s is already completed; nothing to do", options.job_id)
         return EXIT_OK
@@ -178,43 +160,52 @@ def run_job(options: RunOptions) -> int:
         stop.restore()
 
 
-def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
-    import torch
+def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
+         timer: PhaseTimer | None = None) -> int:
+    timer = timer or PhaseTimer()
+    with timer.phase(Phase.IMPORTS):
+        import torch
 
-    from . import data, export, hub, models
-    from .checkpoints import CheckpointStore
-    from .config import TrainConfig, estimate_training_seconds
-    from .reporting import FinishResult
-    from .training import build_trainer
+        from . import data, export, hub, models
+        from .checkpoints import CheckpointStore
+        from .config import TrainConfig, estimate_training_seconds
+        from .reporting import FinishResult
+        from .training import build_trainer
 
-    timings = Timings()
-    job, actor = reporter.start()
-    config = TrainConfig.from_job(options.job_id, options.attempt, job, **options.settings)
-    if options.max_steps_override:
-        config = dataclasses.replace(config, max_train_steps=options.max_steps_override)
-    if actor is None:
-        raise DataError(f"the actor {config.actor_id!r} of this job does not exist")
-    work = options.work_dir / options.job_id / f"attempt-{options.attempt}"
-    check_disk_space(work, config.min_free_disk_bytes)
-    if not Path(config.base_model_id).is_dir():  # a hub id: it is downloaded to the cache
-        check_disk_space(_hf_cache_dir(), config.min_free_disk_bytes)
-    device = torch.device(options.device) if options.device else models.default_device()
+        models.import_libraries()
+
+    with timer.phase(Phase.JOB_START):
+        job, actor = reporter.start()
+        config = TrainConfig.from_job(options.job_id, options.attempt, job, **options.settings)
+        if options.max_steps_override:
+            config = dataclasses.replace(config, max_train_steps=options.max_steps_override)
+        if actor is None:
+            raise DataError(f"the actor {config.actor_id!r} of this job does not exist")
+        work = options.work_dir / options.job_id / f"attempt-{options.attempt}"
+        check_disk_space(work, config.min_free_disk_bytes)
+        if not Path(config.base_model_id).is_dir():  # a hub id: it is downloaded to the cache
+            check_disk_space(_hf_cache_dir(), config.min_free_disk_bytes)
+        device = torch.device(options.device) if options.device else models.default_device()
 
     beat = max(30.0, 4 * config.report_every_seconds)
-    with timings.phase("prepareSeconds"), reporter.keepalive(S.PREPARING, beat):
-        # One token for the base model (gated models) and the hub push; never logged.
-        token, token_problem = _resolve_hub_token()
-        with _token_note(token_problem):
-            info = models.inspect_base_model(config.base_model_id, token=token)
+    with reporter.keepalive(S.PREPARING, beat):
+        with timer.phase(Phase.MODEL):
+            # One token for the base model (gated models) and the hub push; never logged.
+            token, token_problem = _resolve_hub_token()
+            with _token_note(token_problem):
+                info = models.inspect_base_model(config.base_model_id, token=token)
         resolution = config.resolution or info.native_resolution
         # Photos first: a corrupt photo fails in seconds, not after a model download.
-        refs = data.accepted_images(actor)
-        files = data.download_images(bucket, refs, work / "images")
-        photos = data.load_training_photos(files, refs, resolution, config.face_margin)
-        with _token_note(token_problem):
+        with timer.phase(Phase.PHOTOS):
+            refs = data.accepted_images(actor)
+            files = data.download_images(bucket, refs, work / "images")
+            photos = data.load_training_photos(files, refs, resolution, config.face_margin)
+        with timer.phase(Phase.MODEL), _token_note(token_problem):
             model = models.load_base_model(config, device, token=token)
-        prepared = build_trainer(model, config, data.images_to_tensor([p.image for p in photos]),
-                                 face_boxes=[p.face for p in photos])
+        with timer.phase(Phase.SETUP):  # encoding and class images are timed inside
+            prepared = build_trainer(model, config,
+                                     data.images_to_tensor([p.image for p in photos]),
+                                     face_boxes=[p.face for p in photos], timer=timer)
     trainer = prepared.trainer
     store = CheckpointStore(
         bucket,
@@ -234,18 +225,19 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
                    for r in refs],
     }
     meta: dict[str, Any] = {"fingerprint": fingerprint}
-    restored = store.latest(device, fingerprint) or _latest_of_earlier_attempts(
-        bucket, options, work, device, fingerprint
-    )
     resumed_from = 0
-    if restored is not None:
-        trainer.load_trainable_state(restored.weights)
-        trainer.load_training_state(restored.state)
-        meta.update({k: v for k, v in restored.meta.items() if k != "fingerprint"})
-        resumed_from = trainer.step
-        log.info("resuming from the checkpoint at step %d", resumed_from)
-    else:
-        meta["evalLossStart"] = trainer.fixed_noise_loss(seed=config.seed)
+    with timer.phase(Phase.SETUP):
+        restored = store.latest(device, fingerprint) or _latest_of_earlier_attempts(
+            bucket, options, work, device, fingerprint
+        )
+        if restored is not None:
+            trainer.load_trainable_state(restored.weights)
+            trainer.load_training_state(restored.state)
+            meta.update({k: v for k, v in restored.meta.items() if k != "fingerprint"})
+            resumed_from = trainer.step
+            log.info("resuming from the checkpoint at step %d", resumed_from)
+        else:
+            meta["evalLossStart"] = trainer.fixed_noise_loss(seed=config.seed)
 
     total = config.max_train_steps
     eta = 0.0
@@ -262,14 +254,14 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
     })
 
     def save_checkpoint(step: int) -> None:
-        with timings.phase("checkpointSeconds"):
+        with timer.phase(Phase.CHECKPOINTS):
             store.save(step, trainer.trainable_state(), trainer.training_state(), meta)
 
     def report(progress: Any) -> None:
         meta["lastLoss"] = progress.loss  # kept in checkpoints for the final metrics
         reporter.progress(progress)
 
-    with timings.phase("trainSeconds"):
+    with timer.phase(Phase.STEPS):
         loop = trainer.run(
             total,
             report_every_seconds=config.report_every_seconds,
@@ -279,10 +271,13 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
             should_stop=stop,
             progress_bar=options.progress_bar,
         )
+    if config.compile_unet:
+        # torch.compile compiles in the first step: what it took beyond a usual step.
+        timer.move(Phase.STEPS, Phase.COMPILE, loop.first_step_overhead_seconds)
 
     reporter.set_status(S.UPLOADING, **{F.STEP: trainer.step, F.TOTAL_STEPS: total,
                                         F.PROGRESS: 99, F.ETA_SECONDS: None})
-    with timings.phase("exportSeconds"), reporter.keepalive(S.UPLOADING, beat):
+    with timer.phase(Phase.EXPORT), reporter.keepalive(S.UPLOADING, beat):
         eval_end = trainer.fixed_noise_loss(seed=config.seed)
         final_loss = loop.losses[-1][1] if loop.losses else meta.get("lastLoss")
         metrics: dict[str, Any] = {
@@ -306,7 +301,8 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
         out.mkdir(parents=True)
         export.save_diffusers_lora(model, config, out)
         export.save_kohya_lora(model, config, out)
-        samples = export.render_samples(model, config, prepared.resolution, out)
+        with timer.phase(Phase.SAMPLES):
+            samples = export.render_samples(model, config, prepared.resolution, out)
         prefix = schema.model_prefix(config.user_id, config.actor_id, options.job_id)
         hub_target = hub.planned_repo(options.job_id, token) if options.push_to_hub else None
         (out / schema.ArtifactName.MODEL_CARD).write_text(
@@ -318,7 +314,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
             export.training_config_json(model, config, metrics, {"jobId": options.job_id,
                                                                  "attempt": options.attempt}),
             encoding="utf-8")
-    with timings.phase("uploadSeconds"), reporter.keepalive(S.UPLOADING, beat):
+    with timer.phase(Phase.UPLOAD), reporter.keepalive(S.UPLOADING, beat):
         artifacts = export.upload_artifacts(bucket, prefix, out)
         hub_repo, hub_error = hub.maybe_push(
             out, options.job_id, token,
@@ -327,11 +323,12 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
         ) if options.push_to_hub else (None, None)
         if hub_error:
             metrics["hubError"] = hub_error
+    final_write = timer.clock()
     version = finish_with_retry(reporter, FinishResult(
         trained_model_id=options.job_id,
         artifacts=artifacts,
         metrics=metrics,
-        timings=timings.total(),
+        timings=timer.total(),
         base_model_id=config.base_model_id,
         trigger=config.trigger,
         step=trainer.step,
@@ -349,6 +346,11 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any) -> int:
                         work / f"checkpoints-attempt-{earlier}").delete_all()
     if not options.keep_work_dir:
         shutil.rmtree(work, ignore_errors=True)
+    # The completing write cannot hold its own duration: a small update adds it.
+    timer.add(Phase.FINAL_WRITE, timer.clock() - final_write)
+    timings = timer.total()
+    reporter.record_final_timings({k: timings[k] for k in (Phase.FINAL_WRITE, Phase.TOTAL)})
+    log.info("where the time went:\n%s", format_table(timings))
     return EXIT_OK
 
 

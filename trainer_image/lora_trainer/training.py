@@ -24,6 +24,12 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .encode import LatentStats, PromptEmbeds, encode_tokens
 from .models import SDXL, LoadedModel, lora_modules
+from .timing import Phase, PhaseTimer
+
+#: ``(model, config, resolution, draw) -> class latents``: a cache that calls ``draw``
+#: (generating the class images) only when it does not have them.
+ClassLatentsSource = Callable[[LoadedModel, TrainConfig, int, Callable[[], LatentStats]],
+                              LatentStats]
 
 if TYPE_CHECKING:
     from .face_loss import PixelBox
@@ -62,6 +68,9 @@ class LoopResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss)
     train_seconds: float = 0.0
     samples_per_second: float = 0.0
+    #: How much longer the first step took than the later ones on average (with
+    #: torch.compile: the compilation), 0 for runs of one step.
+    first_step_overhead_seconds: float = 0.0
 
 
 class LoraTrainer:
@@ -327,11 +336,17 @@ class LoraTrainer:
         started = time.monotonic()
         window_start, window_step = started, self.step
         loss_sum = torch.zeros((), device=self.device)
+        first_step_seconds = None
+        callback_seconds = 0.0  # reports and checkpoints, not steps
         bar = tqdm(total=total_steps, initial=self.step, desc="training", unit="step",
                    disable=not progress_bar, mininterval=2.0)
         try:
             while self.step < total_steps:
                 loss_sum += self.train_step()
+                if first_step_seconds is None:
+                    if self.device.type == "cuda":  # once per run: the step really ended
+                        torch.cuda.synchronize(self.device)
+                    first_step_seconds = time.monotonic() - started
                 bar.update(1)
                 done = self.step >= total_steps
                 now = time.monotonic()
@@ -358,6 +373,7 @@ class LoraTrainer:
                 periodic = checkpoint_every and self.step % checkpoint_every == 0
                 if on_checkpoint is not None and (periodic or done or stop):
                     on_checkpoint(self.step)
+                callback_seconds += time.monotonic() - now
                 if stop and not done:
                     raise Preempted(f"stopped at step {self.step} on request")
         finally:
@@ -367,6 +383,10 @@ class LoraTrainer:
         result.train_seconds = elapsed
         if self.step > start_step and elapsed > 0:
             result.samples_per_second = (self.step - start_step) * self.samples_per_step / elapsed
+        later_steps = self.step - start_step - 1
+        if first_step_seconds is not None and later_steps > 0:
+            typical = (elapsed - callback_seconds - first_step_seconds) / later_steps
+            result.first_step_overhead_seconds = max(0.0, first_step_seconds - max(0.0, typical))
         return result
 
 
@@ -415,7 +435,9 @@ class PreparedTraining:
 
 
 def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
-                  face_boxes: Sequence[PixelBox | None] | None = None) -> PreparedTraining:
+                  face_boxes: Sequence[PixelBox | None] | None = None, *,
+                  timer: PhaseTimer | None = None,
+                  class_latents_source: ClassLatentsSource | None = None) -> PreparedTraining:
     """Cache latents and embeddings, attach the LoRA and make the trainer.
 
     ``pixels`` are the prepared photos ``[N, 3, H, W]`` in [-1, 1] at the
@@ -423,6 +445,9 @@ def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
     entries for photos without one) for the face-weighted loss. Order matters: class images are drawn by the base
     model before any LoRA exists, and the frozen encoders leave the GPU
     before the UNet's activations need the room.
+
+    ``timer`` gets the encoding and class-image phases; ``class_latents_source``
+    (the class-image cache) replaces drawing the class images when it has them.
     """
     from .encode import (
         encode_images,
@@ -440,9 +465,11 @@ def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
         want_gradient_checkpointing,
     )
 
+    timer = timer or PhaseTimer()
     resolution = int(pixels.shape[-1])
     mixed_precision, _ = resolve_precision(config.mixed_precision, model.device)
-    instance = encode_images(model, pixels, flip=config.random_flip)
+    with timer.phase(Phase.ENCODE):
+        instance = encode_images(model, pixels, flip=config.random_flip)
     instance_weights = None
     if face_boxes is not None:
         instance_weights = instance_weight_maps(
@@ -456,16 +483,25 @@ def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
         instance_weights = instance_weights.to(model.device)
     class_latents = class_tokens = class_embeds = None
     if config.prior_preservation:
-        class_latents = generate_class_latents(
-            model, config.class_prompt, config.num_class_images, resolution,
-            steps=config.sample_steps, guidance_scale=config.guidance_scale, seed=config.seed,
-        )
-        class_tokens = [t for t in tokenize(model, [config.class_prompt])]
-        class_embeds = None if config.train_text_encoder else encode_prompts(
-            model, [config.class_prompt])
-    instance_tokens = tokenize(model, [config.instance_prompt])
-    instance_embeds = None if config.train_text_encoder else encode_prompts(
-        model, [config.instance_prompt])
+
+        def draw() -> LatentStats:
+            return generate_class_latents(
+                model, config.class_prompt, config.num_class_images, resolution,
+                steps=config.sample_steps, guidance_scale=config.guidance_scale,
+                seed=config.seed,
+            )
+
+        with timer.phase(Phase.CLASS_IMAGES):
+            class_latents = (class_latents_source(model, config, resolution, draw)
+                             if class_latents_source is not None else draw())
+        with timer.phase(Phase.ENCODE):
+            class_tokens = [t for t in tokenize(model, [config.class_prompt])]
+            class_embeds = None if config.train_text_encoder else encode_prompts(
+                model, [config.class_prompt])
+    with timer.phase(Phase.ENCODE):
+        instance_tokens = tokenize(model, [config.instance_prompt])
+        instance_embeds = None if config.train_text_encoder else encode_prompts(
+            model, [config.instance_prompt])
     offload_frozen_encoders(model, keep_text_encoders=config.train_text_encoder)
     params = add_lora(model, config)
     checkpointing = want_gradient_checkpointing(model, config)
