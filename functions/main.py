@@ -85,7 +85,7 @@ def on_job_updated(
     schedule="every 1 minutes",
     region=REGION,
     memory=MemoryOption.GB_1,  # the upload sweep may decode photos
-    timeout_sec=300,
+    timeout_sec=config.DISPATCH_FUNCTION_TIMEOUT_SECONDS,
     max_instances=1,
     retry_count=0,  # the next minute is the retry
 )
@@ -101,7 +101,7 @@ def dispatch_jobs(event: scheduler_fn.ScheduledEvent) -> None:
     rate_limits=RateLimits(max_concurrent_dispatches=1, max_dispatches_per_second=5),
     region=REGION,
     memory=MemoryOption.MB_512,
-    timeout_sec=300,
+    timeout_sec=config.DISPATCH_FUNCTION_TIMEOUT_SECONDS,
     max_instances=1,
 )
 def dispatchnow(request: tasks_fn.CallableRequest[Any]) -> None:

@@ -36,6 +36,10 @@ if TYPE_CHECKING:  # executors import nothing heavy either, but keep config stan
 #: client must address the same location, and a param here would have to be
 #: resolved before the manifest exists.
 FUNCTIONS_REGION = "us-central1"
+#: Timeout of the two dispatching functions (dispatch_jobs, dispatchnow). A constant,
+#: not a param: the decorators need it at deploy time, and the passes keep their
+#: deadlines under it (dispatch.pass_deadline, reconcile.run_maintenance).
+DISPATCH_FUNCTION_TIMEOUT_SECONDS = 300
 
 # ---------------------------------------------------------------- executor
 EXECUTOR = StringParam(

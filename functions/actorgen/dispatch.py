@@ -7,10 +7,15 @@ cap bound the jobs that hold (or are about to hold) a GPU.
 
 :func:`run_dispatch_pass` does the I/O. It reads only due queued jobs
 (``nextAttemptAt <= now``), highest priority then oldest first (:func:`queued_scan`),
-so jobs that cannot run yet never crowd due ones out of the scan. Each chosen job is
-claimed in a Firestore transaction that re-counts the running jobs (so concurrent
-passes cannot exceed the caps or claim one job twice): ``queued -> dispatching``
-with a lease and ``attempt + 1``. Then the executor submits it (idempotent: the
+so jobs that cannot run yet never crowd due ones out of the scan. One pass runs at a
+time: it holds a short pass lease (``system/dispatch-pass``); a pass that finds it
+held asks the holder for one more round and ends at once, so overlapping passes
+(``dispatch_jobs`` and ``dispatchnow``) cooperate instead of fighting over the same
+jobs. Each chosen job is claimed in a Firestore transaction that checks and renews
+the pass lease (so the claims of two passes never interleave, and the caps counted
+once per round hold): ``queued -> dispatching`` with a lease and ``attempt + 1``.
+A pass stops claiming at its deadline, under the function's timeout, between two
+jobs, so it leaves no job lease behind. Then the executor submits it (idempotent: the
 executor looks the attempt up by its labels first) and a second transaction records
 ``dispatching -> dispatched``. A pass that dies between the two leaves a
 ``dispatching`` job whose lease expires; the next pass re-drives the submission
@@ -36,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -70,6 +76,16 @@ SUBMIT_UNAVAILABLE: Final = (
 )
 #: _record_submitted: the executor job is not (or no longer) the job's for its attempt.
 _DUPLICATE: Final = "duplicate"
+#: _claim: this pass no longer holds the pass lease (it expired and another pass took
+#: it); every further claim of this pass would be refused too.
+_PASS_LOST: Final = "pass-lost"
+#: How long the pass lease lasts without renewal; every claim renews it. A pass that
+#: dies holding it blocks the others for at most this long.
+PASS_LEASE_SECONDS: Final = 60
+#: Kept free under the function's timeout for the last submission and letting go.
+PASS_MARGIN_SECONDS: Final = 60
+#: Rounds one pass runs at most (one more when other passes asked, see schema).
+MAX_ROUNDS: Final = 10
 
 
 @dataclass(frozen=True)
@@ -183,6 +199,12 @@ class DispatchReport:
     cancelled: list[str] = field(default_factory=list)  # re-driven with cancelRequested
     duplicates: list[str] = field(default_factory=list)  # a second executor job, cancelled
     errors: list[str] = field(default_factory=list)
+    #: Another pass held the pass lease: this one asked it for another round and ended.
+    skipped: bool = False
+    #: The deadline came before the plan was done (or the pass lease was lost): the next
+    #: pass goes on from there. No job lease is left behind: claims stop between jobs.
+    cut_off: bool = False
+    rounds: int = 0
 
 
 @dataclass(frozen=True)
@@ -194,6 +216,14 @@ class Claim:
     cancel: bool = False  # cancelRequested on a re-drive: stop, do not submit
 
 
+def pass_deadline(timer: Callable[[], float] = time.monotonic) -> float:
+    """When a pass that starts now must stop claiming (``timer`` units): the dispatch
+    functions' timeout less :data:`PASS_MARGIN_SECONDS`."""
+    from actorgen.config import DISPATCH_FUNCTION_TIMEOUT_SECONDS
+
+    return timer() + DISPATCH_FUNCTION_TIMEOUT_SECONDS - PASS_MARGIN_SECONDS
+
+
 def run_dispatch_pass(
     settings: Settings,
     *,
@@ -202,22 +232,32 @@ def run_dispatch_pass(
     now: datetime | None = None,
     owner: str | None = None,
     clock: Callable[[], datetime] | None = None,
+    deadline: float | None = None,
+    timer: Callable[[], float] = time.monotonic,
 ) -> DispatchReport:
     """One pass: re-drive expired ``dispatching`` leases, then dispatch what the plan allows.
 
-    ``now`` is the time the pass plans with (which jobs are due); leases are granted
-    and checked with ``clock()`` read at that moment (default: the real time).
-    """
-    from google.cloud.firestore_v1.base_query import FieldFilter
+    One pass runs at a time: it holds the pass lease (``system/dispatch-pass``), which
+    every claim checks and renews in its transaction. A pass that finds the lease held
+    asks the holder for one more round (its jobs may have been queued after the
+    holder's scan) and returns at once (``skipped``); overlapping passes
+    (``dispatch_jobs`` and ``dispatchnow``) thus never fight over the same jobs. Caps:
+    jobs enter the active statuses only through claims, and all claims are the lease
+    holder's, so the active jobs counted once per round plus this round's claims are an
+    upper bound; no claim re-reads every active job.
 
+    ``now`` is the time the pass plans with (which jobs are due); leases are granted
+    and checked with ``clock()`` read at that moment (default: the real time). The pass
+    stops claiming at ``deadline`` (``timer`` units; default :func:`pass_deadline`).
+    """
     from actorgen import clients
 
     db = db or clients.firestore_client()
     clock = clock or _utcnow
     now = now or clock()
     owner = owner or new_lease_owner()
+    deadline = pass_deadline(timer) if deadline is None else deadline
     report = DispatchReport()
-    jobs_ref = db.collection(schema.TRAINING_JOBS)
 
     def get_executor() -> Executor:
         nonlocal executor
@@ -227,14 +267,66 @@ def run_dispatch_pass(
             executor = build_executor(settings.executor_settings())
         return executor
 
+    pass_ref = db.collection(schema.SYSTEM).document(schema.DISPATCH_PASS_DOC)
+    if not _take_pass_lease(db, pass_ref, owner, clock):
+        report.skipped = True
+        log.info("dispatch pass %s: another pass is running; asked it for another round",
+                 owner)
+        return report
+    try:
+        more = True
+        while more:
+            report.rounds += 1
+            finished = _dispatch_round(db, settings, now, clock, owner, get_executor, report,
+                                       deadline, timer)
+            more = _end_round(db, pass_ref, owner, clock,
+                              another=finished and report.rounds < MAX_ROUNDS
+                              and timer() < deadline)
+    except Exception:
+        _end_round(db, pass_ref, owner, clock, another=False)
+        raise
+    if any(v for k, v in vars(report).items() if k != "rounds"):
+        log.info("dispatch pass %s: %s", owner, report)
+    return report
+
+
+def _dispatch_round(
+    db: FirestoreClient,
+    settings: Settings,
+    now: datetime,
+    clock: Callable[[], datetime],
+    owner: str,
+    get_executor: Callable[[], Executor],
+    report: DispatchReport,
+    deadline: float,
+    timer: Callable[[], float],
+) -> bool:
+    """Re-drive expired leases, then claim and submit what the plan allows. False when
+    the round stopped early (deadline, or the pass lease was lost)."""
+    from google.cloud.firestore_v1.base_query import FieldFilter
+
+    jobs_ref = db.collection(schema.TRAINING_JOBS)
+
+    def out_of_time() -> bool:
+        if timer() >= deadline:
+            report.cut_off = True
+            log.warning("dispatch pass %s reached its deadline; the next pass goes on", owner)
+            return True
+        return False
+
     # 1. Submissions whose dispatcher died (lease expired): submit the same attempt again.
     stuck = jobs_ref.where(filter=FieldFilter(Field.STATUS, "==", JobStatus.DISPATCHING))
     for snap in stuck.stream():
-        if lease_expired(snap.to_dict() or {}, clock()):
-            _dispatch_one(db, snap.id, settings, now, clock, owner, get_executor, report,
-                          redrive=True)
+        if not lease_expired(snap.to_dict() or {}, clock()):
+            continue
+        if out_of_time():
+            return False
+        if _dispatch_one(db, snap.id, settings, now, clock, owner, get_executor, report,
+                         None, redrive=True) == _PASS_LOST:
+            report.cut_off = True
+            return False
 
-    # 2. New dispatches under the caps.
+    # 2. New dispatches under the caps, counted once: only this pass's claims add to them.
     active = jobs_ref.where(
         filter=FieldFilter(Field.STATUS, "in", sorted(schema.ACTIVE_JOB_STATUSES))
     )
@@ -243,10 +335,99 @@ def run_dispatch_pass(
         Candidate.from_doc(s.id, s.to_dict() or {}) for s in queued_scan(jobs_ref, now).stream()
     ]
     for candidate in plan_dispatch(queued, running, settings, now):
-        _dispatch_one(db, candidate.job_id, settings, now, clock, owner, get_executor, report)
-    if any(vars(report).values()):
-        log.info("dispatch pass %s: %s", owner, report)
-    return report
+        if out_of_time():
+            return False
+        if _dispatch_one(db, candidate.job_id, settings, now, clock, owner, get_executor,
+                         report, running) == _PASS_LOST:
+            report.cut_off = True
+            return False
+    return True
+
+
+def _lease_held_by_other(lease: Mapping[str, Any], owner: str, at: datetime) -> bool:
+    from actorgen.schema import DispatchPassField as P
+
+    expires = jobs.as_datetime(lease.get(P.EXPIRES_AT))
+    return lease.get(P.OWNER) not in (None, owner) and expires is not None and expires > at
+
+
+def _take_pass_lease(
+    db: FirestoreClient, pass_ref: Any, owner: str, clock: Callable[[], datetime]
+) -> bool:
+    """Take the pass lease; when another pass holds it, ask that one for another round.
+
+    The request is a blind increment of ``system/dispatch-requests`` followed by a
+    fresh look at the lease: either the holder's end-of-round transaction sees the
+    increment, or it let go before it and the fresh look finds the lease free.
+    """
+    from google.cloud.firestore_v1 import Increment
+
+    from actorgen.schema import DispatchPassField as P
+
+    requests_ref = pass_ref.parent.document(schema.DISPATCH_REQUESTS_DOC)
+
+    def take(transaction: Any) -> bool:
+        snap = pass_ref.get(transaction=transaction)
+        asked = requests_ref.get(transaction=transaction)
+        at = clock()
+        if _lease_held_by_other((snap.to_dict() if snap.exists else None) or {}, owner, at):
+            return False
+        transaction.set(pass_ref, {
+            P.OWNER: owner,
+            P.EXPIRES_AT: at + timedelta(seconds=PASS_LEASE_SECONDS),
+            # Requests so far are served by this pass's full round.
+            P.SERVED: jobs.as_int(((asked.to_dict() if asked.exists else None) or {}).get(
+                P.REQUESTS)),
+            P.UPDATED_AT: at,
+        })
+        return True
+
+    requested = False
+    for _ in range(3):
+        snap = pass_ref.get()
+        if not _lease_held_by_other((snap.to_dict() if snap.exists else None) or {}, owner,
+                                    clock()):
+            if run_in_transaction(db, take):
+                return True
+            continue
+        if requested:
+            return False
+        requests_ref.set({P.REQUESTS: Increment(1), P.UPDATED_AT: clock()}, merge=True)
+        requested = True
+    return False
+
+
+def _end_round(
+    db: FirestoreClient, pass_ref: Any, owner: str, clock: Callable[[], datetime],
+    *, another: bool,
+) -> bool:
+    """After a round: keep the lease for another round when one was asked for (and
+    ``another`` allows it), else let go. One transaction, so a request that arrives
+    while the holder finishes is either served or finds the lease free."""
+    from actorgen.schema import DispatchPassField as P
+
+    requests_ref = pass_ref.parent.document(schema.DISPATCH_REQUESTS_DOC)
+
+    def end(transaction: Any) -> bool:
+        snap = pass_ref.get(transaction=transaction)
+        asked = requests_ref.get(transaction=transaction)
+        lease = (snap.to_dict() if snap.exists else None) or {}
+        if lease.get(P.OWNER) != owner:
+            return False  # lost meanwhile: the new holder does the work
+        at = clock()
+        count = jobs.as_int(((asked.to_dict() if asked.exists else None) or {}).get(P.REQUESTS))
+        if another and count != jobs.as_int(lease.get(P.SERVED)):
+            transaction.update(pass_ref, {
+                P.SERVED: count,
+                P.EXPIRES_AT: at + timedelta(seconds=PASS_LEASE_SECONDS),
+                P.UPDATED_AT: at,
+            })
+            return True
+        # A request left unserved (deadline) is served by the next pass's full round.
+        transaction.update(pass_ref, {P.OWNER: None, P.EXPIRES_AT: None, P.UPDATED_AT: at})
+        return False
+
+    return run_in_transaction(db, end)
 
 
 def _dispatch_one(
@@ -258,25 +439,36 @@ def _dispatch_one(
     owner: str,
     get_executor: Callable[[], Executor],
     report: DispatchReport,
+    running: Counter[str] | None,
     *,
     redrive: bool = False,
-) -> None:
-    """Claim and submit one job; a failure here is logged and left to the next pass."""
+) -> str | None:
+    """Claim and submit one job; a failure here is logged and left to the next pass.
+
+    ``running`` (new claims only) is the pass's count of active jobs per user, which a
+    successful claim increments. Returns :data:`_PASS_LOST` when the pass lease is gone.
+    """
     try:
-        claim = _claim(db, job_id, settings, now, clock, owner, redrive=redrive)
+        claim = _claim(db, job_id, settings, now, clock, owner, running, redrive=redrive)
+        if claim == _PASS_LOST:
+            return _PASS_LOST
         if claim is None:
             if not redrive:
-                report.lost_claims.append(job_id)  # another pass took it, or the cap filled
-            return
+                report.lost_claims.append(job_id)  # changed since the scan (cancel, retry)
+            return None
+        assert isinstance(claim, Claim)
+        if running is not None:
+            running[claim.user_id] += 1
         if claim.cancel:
             _cancel_unsubmitted(db, get_executor(), claim, clock, report)
-            return
+            return None
         if redrive:
             report.redriven.append(job_id)
         _submit(db, get_executor(), claim, settings, now, clock, report)
     except Exception:  # one job must not stop the pass; its lease (if any) expires
         log.exception("dispatching job %s failed; the next pass retries", job_id)
         report.errors.append(job_id)
+    return None
 
 
 def _claim(
@@ -286,33 +478,41 @@ def _claim(
     now: datetime,
     clock: Callable[[], datetime],
     owner: str,
+    running: Counter[str] | None,
     *,
     redrive: bool,
-) -> Claim | None:
-    """Take the job under a lease; None when it is not (or no longer) ours to take.
+) -> Claim | str | None:
+    """Take the job under a lease; None when it is not (or no longer) ours to take,
+    :data:`_PASS_LOST` when this pass no longer holds the pass lease.
 
-    The lease runs from ``clock()`` read in the transaction, not from ``now`` (the
-    time the pass started), so it is never granted already nearly expired.
+    The transaction reads the pass lease too and renews it: a claim commits only while
+    its pass holds the lease, so claims of two passes never interleave. The job lease
+    runs from ``clock()`` read in the transaction, not from ``now`` (the time the pass
+    started), so it is never granted already nearly expired.
     """
-    from google.cloud.firestore_v1.base_query import FieldFilter
+    from actorgen.schema import DispatchPassField as P
 
     job_ref = db.collection(schema.TRAINING_JOBS).document(job_id)
-    active_query = db.collection(schema.TRAINING_JOBS).where(
-        filter=FieldFilter(Field.STATUS, "in", sorted(schema.ACTIVE_JOB_STATUSES))
-    )
+    pass_ref = db.collection(schema.SYSTEM).document(schema.DISPATCH_PASS_DOC)
 
-    def claim(transaction: Any) -> Claim | None:
+    def claim(transaction: Any) -> Claim | str | None:
+        pass_snap = pass_ref.get(transaction=transaction)
         snap = job_ref.get(transaction=transaction)
+        at = clock()
+        held = (pass_snap.to_dict() if pass_snap.exists else None) or {}
+        expires = jobs.as_datetime(held.get(P.EXPIRES_AT))
+        if held.get(P.OWNER) != owner or expires is None or expires <= at:
+            return _PASS_LOST
         job = snap.to_dict() if snap.exists else None
         if job is None:
             return None
         status = job.get(Field.STATUS)
-        at = clock()
         lease = {
             Field.LEASE_OWNER: owner,
             Field.LEASE_EXPIRES_AT: at + timedelta(seconds=settings.dispatch_lease_seconds),
             Field.UPDATED_AT: at,
         }
+        renewal = {P.EXPIRES_AT: at + timedelta(seconds=PASS_LEASE_SECONDS), P.UPDATED_AT: at}
         if redrive:
             if status != JobStatus.DISPATCHING or not lease_expired(job, at):
                 return None
@@ -321,19 +521,15 @@ def _claim(
                 # Not submitted again: hold the lease while the executor job (if one was
                 # created) is cancelled, then the job ends cancelled (_cancel_unsubmitted).
                 transaction.update(job_ref, lease)
+                transaction.update(pass_ref, renewal)
                 return Claim(job_id, str(job.get(Field.USER_ID) or ""), attempt, owner,
                              cancel=True)
         else:
             candidate = Candidate.from_doc(job_id, job)
             if status != JobStatus.QUEUED or not is_due(candidate, now):
                 return None
-            # Re-count inside the transaction: a concurrent pass's claim conflicts here.
-            running = Counter(
-                str((s.to_dict() or {}).get(Field.USER_ID) or "")
-                for s in active_query.get(transaction=transaction)
-                if s.id != job_id
-            )
-            if not plan_dispatch([candidate], running, settings, now):
+            # The caps as this pass counts them (no other pass claims meanwhile).
+            if not plan_dispatch([candidate], running or Counter(), settings, now):
                 return None
             attempt = candidate.attempt + 1
         schema.check_transition(status, JobStatus.DISPATCHING)
@@ -348,6 +544,7 @@ def _claim(
                 Field.ERROR: None,  # a previous attempt's error lives on in attemptHistory
             },
         )
+        transaction.update(pass_ref, renewal)
         return Claim(job_id, str(job.get(Field.USER_ID) or ""), attempt, owner)
 
     return run_in_transaction(db, claim)

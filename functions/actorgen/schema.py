@@ -38,6 +38,25 @@ SCHEMA_VERSION: Final = 1
 # --------------------------------------------------------------------------
 ACTORS: Final = "actors"
 TRAINING_JOBS: Final = "training_jobs"
+#: Service-only documents (no rule matches them: clients can neither read nor write).
+SYSTEM: Final = "system"
+#: ``system/dispatch-pass``: the lease of the one dispatch pass running at a time.
+DISPATCH_PASS_DOC: Final = "dispatch-pass"
+#: ``system/dispatch-requests``: passes that found the lease held count themselves here
+#: (a blind increment: no contention with the holder's claims); the holder runs one more
+#: round when the count moved, so the jobs those passes were started for are not left
+#: to the next minute.
+DISPATCH_REQUESTS_DOC: Final = "dispatch-requests"
+
+
+class DispatchPassField:
+    """Keys of ``system/dispatch-pass`` and ``system/dispatch-requests`` (dispatcher only)."""
+
+    OWNER = "owner"  # the pass holding the lease (dispatch.new_lease_owner())
+    EXPIRES_AT = "expiresAt"  # renewed with every claim; an expired lease is free
+    SERVED = "servedRequests"  # the request count the holder's current round serves
+    REQUESTS = "count"  # in dispatch-requests: rounds asked for, ever
+    UPDATED_AT = "updatedAt"
 
 
 # --------------------------------------------------------------------------
