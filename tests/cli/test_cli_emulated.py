@@ -339,3 +339,17 @@ def test_a_redispatch_the_function_turns_down_is_reported_refused(db: Any) -> No
     code, out, err = join()
     assert code == EXIT_REFUSED and "refused: now failed" in out
     assert "put the job back to failed" in err
+
+
+def test_an_unreachable_firestore_is_an_error_after_the_rpc_timeout(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "functions"),
+           "FIRESTORE_EMULATOR_HOST": f"127.0.0.1:{port}", "GCLOUD_PROJECT": "demo-actorgen"}
+    proc = subprocess.run([sys.executable, "-m", "actorgen.cli", "jobs", "--rpc-timeout", "2"],
+                          env=env, capture_output=True, text=True, timeout=100, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("actorgen jobs: RetryError") and "failed to connect" in proc.stderr

@@ -55,14 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="machine-readable output (follow: one JSON object per line)")
     common.add_argument("--project", default=argparse.SUPPRESS,
                         help="Google Cloud / Firebase project id (default: GOOGLE_CLOUD_PROJECT)")
+    common.add_argument("--rpc-timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+                        help="give up on an unreachable Firestore after this long (default 30)")
     common.add_argument("--bucket", default=argparse.SUPPRESS,
                         help="Storage bucket of the models (default: ACTORGEN_BUCKET, "
                         "FIREBASE_CONFIG's, else PROJECT.appspot.com)")
     parser = argparse.ArgumentParser(
         prog="actorgen",
-        description="Operate the actor LoRA pipeline: list and inspect training jobs, follow "
-        "one live, re-dispatch or cancel through the pipeline's own rules, list an actor's "
-        "models, and see queue, attempt and cost statistics.",
+        description="Operate the actor LoRA pipeline: list and inspect training jobs, follow\n"
+        "one live, re-dispatch or cancel through the pipeline's own rules, list an\n"
+        "actor's models, and see queue, attempt and cost statistics.",
         epilog=TARGET + "\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
@@ -155,6 +157,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         os.environ["GCLOUD_PROJECT"] = project
     from actorgen.cli import store
 
+    store.set_rpc_timeout(getattr(args, "rpc_timeout", store.DEFAULT_RPC_TIMEOUT_SECONDS))
     try:
         return COMMANDS[args.command](args, output)
     except store.NotFound as exc:
@@ -163,7 +166,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
     except (store.Refused, schema.InvalidTransition) as exc:
         output.note(f"actorgen {args.command}: refused: {exc}")
         return EXIT_REFUSED
-    except ValueError as exc:  # bad ages and similar: the message says what to use
+    except views.UsageError as exc:  # bad ages and similar: the message says what to use
         output.note(f"actorgen {args.command}: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -204,7 +207,7 @@ def cmd_jobs(args: argparse.Namespace, output: Output) -> int:
     statuses = [s.strip() for value in args.status for s in value.split(",") if s.strip()]
     unknown = sorted(set(statuses) - schema.ALL_JOB_STATUSES)
     if unknown:
-        raise ValueError(f"unknown status {unknown[0][:30]!r}; use one of "
+        raise views.UsageError(f"unknown status {unknown[0][:30]!r}; use one of "
                          + ", ".join(sorted(schema.ALL_JOB_STATUSES)))
     now = _now()
     found = store.list_jobs(

@@ -24,6 +24,27 @@ if TYPE_CHECKING:
 
 #: Most documents ``jobs`` reads while filtering on the client side.
 SCAN_LIMIT = 5000
+#: How long one read may keep retrying an unreachable Firestore (the client library's
+#: own retry has no end against a dead emulator); ``--rpc-timeout`` changes it.
+DEFAULT_RPC_TIMEOUT_SECONDS = 30.0
+RPC_TIMEOUT_SECONDS = DEFAULT_RPC_TIMEOUT_SECONDS
+
+
+def set_rpc_timeout(seconds: float) -> None:
+    global RPC_TIMEOUT_SECONDS
+    RPC_TIMEOUT_SECONDS = seconds
+
+
+def rpc() -> dict[str, Any]:
+    """``retry`` and ``timeout`` for one Firestore call: transient errors are retried,
+    but never for longer than :data:`RPC_TIMEOUT_SECONDS` in all."""
+    from google.api_core import exceptions
+    from google.api_core.retry import Retry, if_exception_type
+
+    transient = if_exception_type(exceptions.ServiceUnavailable, exceptions.DeadlineExceeded,
+                                  exceptions.InternalServerError)
+    return {"retry": Retry(predicate=transient, deadline=RPC_TIMEOUT_SECONDS),
+            "timeout": RPC_TIMEOUT_SECONDS}
 
 
 class NotFound(LookupError):
@@ -37,7 +58,7 @@ class Refused(RuntimeError):
 def get_job(db: FirestoreClient, job_id: str) -> dict[str, Any]:
     if not job_id or "/" in job_id:
         raise NotFound(f"{job_id[:40]!r} is not a job id")
-    snap = db.collection(schema.TRAINING_JOBS).document(job_id).get()
+    snap = db.collection(schema.TRAINING_JOBS).document(job_id).get(**rpc())
     if not snap.exists:
         raise NotFound(f"no job {job_id!r} in {schema.TRAINING_JOBS}")
     return snap.to_dict() or {}
@@ -46,7 +67,7 @@ def get_job(db: FirestoreClient, job_id: str) -> dict[str, Any]:
 def get_actor(db: FirestoreClient, actor_id: str) -> dict[str, Any]:
     if not actor_id or "/" in actor_id:
         raise NotFound(f"{actor_id[:40]!r} is not an actor id")
-    snap = db.collection(schema.ACTORS).document(actor_id).get()
+    snap = db.collection(schema.ACTORS).document(actor_id).get(**rpc())
     if not snap.exists:
         raise NotFound(f"no actor {actor_id!r} in {schema.ACTORS}")
     return snap.to_dict() or {}
@@ -72,7 +93,7 @@ def list_jobs(
     query = jobs_query(db.collection(schema.TRAINING_JOBS), statuses=statuses, user=user,
                        actor=actor, created_after=created_after, created_before=created_before)
     out: list[tuple[str, dict[str, Any]]] = []
-    for snap in query.stream():
+    for snap in query.stream(**rpc()):
         job = snap.to_dict() or {}
         if statuses and (job.get(Field.STATUS) or JobStatus.PENDING) not in statuses:
             continue
@@ -117,7 +138,7 @@ def jobs_created_since(db: FirestoreClient, since: datetime) -> Iterator[dict[st
     query = db.collection(schema.TRAINING_JOBS).where(
         filter=FieldFilter(Field.CREATED_AT, ">=", since)
     )
-    for snap in query.stream():
+    for snap in query.stream(**rpc()):
         yield snap.to_dict() or {}
 
 
@@ -127,7 +148,7 @@ def queued_jobs(db: FirestoreClient) -> Iterator[dict[str, Any]]:
     query = db.collection(schema.TRAINING_JOBS).where(
         filter=FieldFilter(Field.STATUS, "==", JobStatus.QUEUED)
     )
-    for snap in query.stream():
+    for snap in query.stream(**rpc()):
         yield snap.to_dict() or {}
 
 
@@ -136,7 +157,7 @@ def model_files(bucket: Any, uid: str, actor_id: str, job_id: str) -> list[dict[
     prefix = schema.model_prefix(uid, actor_id, job_id)
     return [
         {"path": blob.name, "size": int(blob.size or 0)}
-        for blob in bucket.list_blobs(prefix=prefix)
+        for blob in bucket.list_blobs(prefix=prefix, timeout=RPC_TIMEOUT_SECONDS)
     ]
 
 

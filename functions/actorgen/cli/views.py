@@ -32,11 +32,15 @@ LIST_FIELDS = (
 )
 
 
+class UsageError(ValueError):
+    """A bad command-line value; the message says what to use instead."""
+
+
 def parse_age(text: str) -> timedelta:
-    """``90s``, ``15m``, ``2h``, ``7d``, ``1w`` as a timedelta; ValueError says the format."""
+    """``90s``, ``15m``, ``2h``, ``7d``, ``1w`` as a timedelta; UsageError says the format."""
     match = _AGE.match(text)
     if not match:
-        raise ValueError(f"{text[:20]!r} is not an age: use a number and a unit, e.g. 90s, 15m, 2h, 7d, 1w")
+        raise UsageError(f"{text[:20]!r} is not an age: use a number and a unit, e.g. 90s, 15m, 2h, 7d, 1w")
     return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
 
 
