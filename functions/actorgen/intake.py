@@ -52,9 +52,9 @@ class Review:
         """One message naming everything to fix; None when accepted."""
         if not self.problems:
             return None
-        if len(self.problems) == 1:
-            return self.problems[0]
-        return "; ".join(self.problems)
+        # Each problem quotes at most a short prefix of the user's value; the clip
+        # bounds the sum, so the job's error and the actor's modelError stay small.
+        return schema.clip_error("; ".join(self.problems))
 
 
 def review_job(
@@ -81,11 +81,15 @@ def review_job(
         problems.append(f"{Field.ACTOR_ID} is missing; name the actor to train")
         may_update_actor = False
     elif actor is None:
-        problems.append(f"actor {actor_id!r} does not exist; create the actor first")
+        problems.append(
+            f"actor {schema.quote(actor_id)} does not exist; create the actor first"
+        )
         may_update_actor = False
     elif user_id and actor.get(Field.USER_ID) != user_id:
         # Do not say whose it is: that would leak another user's data.
-        problems.append(f"actor {actor_id!r} does not belong to you; use one of your actors")
+        problems.append(
+            f"actor {schema.quote(actor_id)} does not belong to you; use one of your actors"
+        )
         may_update_actor = False
     else:
         owned = bool(user_id)
@@ -102,7 +106,7 @@ def review_job(
     elif not isinstance(class_word, str) or not schema.CLASS_WORD_PATTERN.match(class_word):
         problems.append(
             f"{Field.CLASS_WORD} must be 2-32 lowercase letters or spaces (like 'person', "
-            f"'man', 'woman'), got {class_word!r}"
+            f"'man', 'woman'), got {schema.quote(class_word)}"
         )
 
     base_model = job.get(Field.BASE_MODEL_ID)
@@ -111,7 +115,7 @@ def review_job(
         problems.append(f"{Field.BASE_MODEL_ID} is missing; use one of: {', '.join(allowed)}")
     elif base_model not in allowed:
         problems.append(
-            f"{Field.BASE_MODEL_ID} {base_model!r} is not available; use one of: "
+            f"{Field.BASE_MODEL_ID} {schema.quote(base_model)} is not available; use one of: "
             f"{', '.join(allowed)}"
         )
 
@@ -136,7 +140,7 @@ def busy_actor_problem(actor_id: str, blocking: Iterable[str]) -> str:
     """Why a job cannot go ahead while ``blocking`` jobs hold its actor (one per actor)."""
     first = sorted(blocking)[0]
     return (
-        f"actor {actor_id!r} already has a training job in progress ({first}); wait "
+        f"actor {schema.quote(actor_id)} already has a training job in progress ({first}); wait "
         "for it to finish or cancel it before starting another"
     )
 
@@ -167,8 +171,8 @@ def _instance_name_problems(name: Any) -> list[str]:
     if schema.INSTANCE_NAME_PATTERN.match(name):
         return []
     if any(c in name for c in "/\\") or ".." in name or name.startswith("."):
-        return [f"{Field.INSTANCE_NAME} {name!r} looks like a file path; use {rule}"]
-    return [f"{Field.INSTANCE_NAME} {name!r} is not allowed; use {rule}"]
+        return [f"{Field.INSTANCE_NAME} {schema.quote(name)} looks like a file path; use {rule}"]
+    return [f"{Field.INSTANCE_NAME} {schema.quote(name)} is not allowed; use {rule}"]
 
 
 def _image_problems(actor: Mapping[str, Any], settings: Settings) -> list[str]:

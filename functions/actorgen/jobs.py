@@ -90,7 +90,9 @@ def actor_update_for(
     has_model = bool(actor.get(Field.MODEL_ID) or actor.get(Field.MODEL_VERSIONS))
     update: dict[str, Any] = {
         Field.MODEL_STATUS: schema.model_status_for_job(status, actor_has_model=has_model),
-        Field.MODEL_ERROR: error if status in (JobStatus.FAILED, JobStatus.REJECTED) else None,
+        Field.MODEL_ERROR: (
+            schema.clip_error(error) if status in (JobStatus.FAILED, JobStatus.REJECTED) else None
+        ),
     }
     if all(actor.get(k) == v for k, v in update.items()):
         return None  # nothing changes: spare the write

@@ -48,6 +48,7 @@ dispatcher, instead of re-driving it, once its lease expired).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -83,8 +84,17 @@ UPLOAD_GLOB: Final = "users/*/actors/*/images/*"
 COMPLETED_GRACE_SECONDS: Final = 600
 #: Completed jobs checked for a leftover executor job: finished within this window...
 COMPLETED_WINDOW_SECONDS: Final = 3600
-#: ...at most this many per pass, the most recent first.
-COMPLETED_CHECK_LIMIT: Final = 10
+#: ...at most this many per pass, oldest first from where the last pass stopped.
+COMPLETED_CHECK_LIMIT: Final = 50
+#: Pending jobs taken in by one sweep at most, of at most this many read (shuffled, so
+#: a job that keeps failing cannot hold the others back), within this many seconds.
+MAX_SWEPT_JOBS: Final = 20
+PENDING_SCAN_LIMIT: Final = 200
+PENDING_SWEEP_SECONDS: Final = 30
+#: Longest the reconcile step of the scheduled pass runs; the rest is dispatch's, the
+#: sweeps' and a margin under the function's timeout (run_maintenance).
+RECONCILE_SECONDS: Final = 90
+MAINTENANCE_MARGIN_SECONDS: Final = 30
 
 #: What the app shows (job ``error``, actor ``modelError``) when a failed attempt ends a
 #: job and the trainer left no message of its own; the raw text is in ``attemptHistory``.
@@ -282,7 +292,9 @@ def apply_update(
             Field.ERROR: None,
         }
     # The raw error is in the history entry; the job and actor get the short message.
-    error = failure_message(job, decision.message or decision.error or "unknown error")
+    error = schema.clip_error(
+        failure_message(job, decision.message or decision.error or "unknown error")
+    )
     return JobStatus.FAILED, {
         **common,
         **schema.status_fields(job, JobStatus.FAILED, now),
@@ -488,14 +500,31 @@ def run_reconcile_pass(
     executor: Executor,
     now: datetime,
     report: MaintenanceReport | None = None,
+    deadline: float | None = None,
+    timer: Callable[[], float] = time.monotonic,
 ) -> MaintenanceReport:
-    """Reconcile every active job, and end cancelled pending/queued jobs."""
+    """Reconcile every active job, and end cancelled pending/queued jobs.
+
+    Stops at ``deadline`` (``timer`` units; None: no limit). Active jobs are taken in
+    random order, so a pass cut short does not always leave the same ones for later.
+    """
     from google.cloud.firestore_v1.base_query import FieldFilter
 
     report = report or MaintenanceReport()
     jobs_ref = db.collection(schema.TRAINING_JOBS)
+
+    def out_of_time() -> bool:
+        if deadline is not None and timer() >= deadline:
+            log.warning("reconcile pass reached its deadline; the next pass goes on")
+            return True
+        return False
+
     active = jobs_ref.where(filter=FieldFilter(Field.STATUS, "in", sorted(RECONCILED_STATUSES)))
-    for snap in active.stream():
+    snaps = list(active.stream())
+    random.shuffle(snaps)
+    for snap in snaps:
+        if out_of_time():
+            return report
         try:
             action = reconcile_job(db, executor, snap.id, settings, now)
         except Exception as err:  # one bad job must not stop the pass
@@ -507,8 +536,10 @@ def run_reconcile_pass(
     waiting = jobs_ref.where(filter=FieldFilter(Field.STATUS, "in", sorted(CANCEL_DIRECTLY)))
     for snap in waiting.stream():
         requested = (snap.to_dict() or {}).get(Field.CANCEL_REQUESTED)
-        if requested and cancel_job(db, executor, snap.id, settings, now):
+        if requested and not out_of_time() and cancel_job(db, executor, snap.id, settings, now):
             report.cancelled.append(snap.id)
+    if out_of_time():
+        return report
     try:
         report.stopped.extend(stop_leftover_executor_jobs(db=db, executor=executor, now=now))
     except Exception as err:  # best effort: the next pass looks again
@@ -517,82 +548,128 @@ def run_reconcile_pass(
     return report
 
 
-def recently_completed(jobs_ref: Any, now: datetime) -> Any:
-    """Jobs completed between the window and the grace ago, newest first (index:
+def completed_since(jobs_ref: Any, start: datetime, now: datetime, limit: int) -> Any:
+    """Jobs completed from ``start`` until the grace ago, oldest first (index:
     firestore.indexes.json)."""
     from datetime import timedelta
 
-    from google.cloud.firestore_v1.base_query import BaseQuery, FieldFilter
+    from google.cloud.firestore_v1.base_query import FieldFilter
 
     return (
         jobs_ref.where(filter=FieldFilter(Field.STATUS, "==", JobStatus.COMPLETED))
-        .where(filter=FieldFilter(
-            Field.FINISHED_AT, ">=", now - timedelta(seconds=COMPLETED_WINDOW_SECONDS)))
+        .where(filter=FieldFilter(Field.FINISHED_AT, ">=", start))
         .where(filter=FieldFilter(
             Field.FINISHED_AT, "<=", now - timedelta(seconds=COMPLETED_GRACE_SECONDS)))
-        .order_by(Field.FINISHED_AT, direction=BaseQuery.DESCENDING)
-        .limit(COMPLETED_CHECK_LIMIT)
+        .order_by(Field.FINISHED_AT)
+        .limit(limit)
     )
 
 
 def stop_leftover_executor_jobs(
-    *, db: FirestoreClient, executor: Executor, now: datetime
+    *, db: FirestoreClient, executor: Executor, now: datetime,
+    limit: int = COMPLETED_CHECK_LIMIT,
 ) -> list[str]:
-    """Cancel the executor job of recently completed jobs when it is still active.
+    """Cancel the executor job of completed jobs when it is still active.
 
     ``completed`` always wins, also when an older attempt finished after a newer one
     was submitted: the newer attempt's executor job (the job's ``executorJobName``)
-    would then hold a GPU for nothing. Only jobs that finished between
-    :data:`COMPLETED_WINDOW_SECONDS` and :data:`COMPLETED_GRACE_SECONDS` ago are
-    looked at (the grace lets the completing trainer exit by itself), at most
-    :data:`COMPLETED_CHECK_LIMIT` per pass; the job document is not written.
+    would then hold a GPU for nothing. Jobs are looked at once each, oldest first,
+    from where the last pass stopped (``system/leftover-check``), once they finished
+    :data:`COMPLETED_GRACE_SECONDS` ago (the completing trainer exits by itself) and
+    no earlier than :data:`COMPLETED_WINDOW_SECONDS` ago; at most ``limit`` per pass,
+    so however many jobs complete a minute, every one is checked. An executor that
+    cannot be asked stops the pass there (the next one starts from that job). The job
+    document is not written.
     """
-    from actorgen.executors import ExecutorError, ExecutorNotFound
+    from datetime import timedelta
 
+    from actorgen.executors import ExecutorError, ExecutorNotFound
+    from actorgen.schema import LeftoverCheckField as C
+
+    cursor_ref = db.collection(schema.SYSTEM).document(schema.LEFTOVER_CHECK_DOC)
+    cursor = (cursor_ref.get().to_dict() or {})
+    after = jobs.as_datetime(cursor.get(C.FINISHED_AT))
+    seen = {str(i) for i in (cursor.get(C.JOB_IDS) or [])}
+    floor = now - timedelta(seconds=COMPLETED_WINDOW_SECONDS)
+    start = max(after, floor) if after is not None else floor
+    last_at, last_ids = after, set(seen) if after is not None and after >= floor else set()
     stopped: list[str] = []
-    for snap in recently_completed(db.collection(schema.TRAINING_JOBS), now).stream():
-        name = (snap.to_dict() or {}).get(Field.EXECUTOR_JOB_NAME)
-        if not name:
+    checked = 0
+    query = completed_since(db.collection(schema.TRAINING_JOBS), start, now, limit + len(seen))
+    for snap in query.stream():
+        data = snap.to_dict() or {}
+        finished = jobs.as_datetime(data.get(Field.FINISHED_AT))
+        if finished is None or (finished == after and snap.id in seen):
             continue
-        try:
-            executor_job = executor.get(name)
-            if not executor_job.state.is_active:
-                continue
-            executor.cancel(name)
-        except ExecutorNotFound:
-            continue
-        except ExecutorError as err:
-            log.warning("job %s: cannot check or stop executor job %s (%s); retrying next pass",
-                        snap.id, name, err)
-            continue
-        log.warning("job %s is completed but its executor job %s was still %s; cancelled it",
-                    snap.id, name, executor_job.raw_state or executor_job.state)
-        stopped.append(snap.id)
+        if checked >= limit:
+            break
+        name = data.get(Field.EXECUTOR_JOB_NAME)
+        if name:
+            try:
+                executor_job = executor.get(name)
+                if executor_job.state.is_active:
+                    executor.cancel(name)
+                    log.warning("job %s is completed but its executor job %s was still %s; "
+                                "cancelled it", snap.id, name,
+                                executor_job.raw_state or executor_job.state)
+                    stopped.append(snap.id)
+            except ExecutorNotFound:
+                pass
+            except ExecutorError as err:
+                log.warning("job %s: cannot check or stop executor job %s (%s); the next "
+                            "pass starts from it", snap.id, name, err)
+                break
+        checked += 1
+        if finished != last_at:
+            last_at, last_ids = finished, set()
+        last_ids.add(snap.id)
+    if last_at is not None and (last_at != after or last_ids != seen):
+        cursor_ref.set({C.FINISHED_AT: last_at, C.JOB_IDS: sorted(last_ids),
+                        C.UPDATED_AT: now})
     return stopped
 
 
 def sweep_pending_jobs(
-    settings: Settings, *, db: FirestoreClient, now: datetime
+    settings: Settings,
+    *,
+    db: FirestoreClient,
+    now: datetime,
+    limit: int = MAX_SWEPT_JOBS,
+    deadline: float | None = None,
+    timer: Callable[[], float] = time.monotonic,
 ) -> list[str]:
-    """Run intake for jobs still ``pending`` a while after creation (a lost trigger)."""
+    """Run intake for jobs still ``pending`` a while after creation (a lost trigger).
+
+    Bounded: at most ``limit`` jobs, until ``deadline`` (default
+    :data:`PENDING_SWEEP_SECONDS` from now), of at most :data:`PENDING_SCAN_LIMIT` read
+    and shuffled; the next sweep takes the rest.
+    """
     from google.cloud.firestore_v1.base_query import FieldFilter
 
     from actorgen import intake
 
+    deadline = timer() + PENDING_SWEEP_SECONDS if deadline is None else deadline
     # Firestore cannot query for a missing field: a job created without any status
     # whose trigger was lost is invisible here (docs/schema.md, "Sweeper").
     query = db.collection(schema.TRAINING_JOBS).where(
         filter=FieldFilter(Field.STATUS, "==", JobStatus.PENDING)
-    )
+    ).limit(PENDING_SCAN_LIMIT)
+    snaps = list(query.stream())
+    random.shuffle(snaps)
     taken: list[str] = []
-    for snap in query.stream():
+    for snap in snaps:
         created = jobs.as_datetime(snap.create_time)
         if created is not None and (now - created).total_seconds() < settings.sweep_after_seconds:
             continue  # its trigger is probably still running
+        if len(taken) >= limit or timer() >= deadline:
+            log.info("pending-job sweep stopped after %d jobs (budget); the next goes on",
+                     len(taken))
+            break
         try:
             outcome = intake.process_job(snap.id, settings, db=db, now=now)
-        except Exception:  # one bad job must not block the others; retried next pass
-            log.exception("sweeping job %s failed", snap.id)
+        except Exception as err:  # one bad job must not block the others; retried next pass
+            log.warning("sweeping job %s failed (%s); retried next pass", snap.id,
+                        schema.quote(str(err), 200))
             continue
         log.warning("swept job %s: intake had not run; now %s", snap.id, outcome)
         taken.append(snap.id)
@@ -703,6 +780,7 @@ def run_maintenance(
     executor: Executor | None = None,
     now: datetime | None = None,
     clock: Callable[[], datetime] | None = None,
+    timer: Callable[[], float] = time.monotonic,
 ) -> MaintenanceReport:
     """The scheduled pass: reconcile, dispatch, sweep pending jobs, then sweep uploads
     (last: it lists Storage, under a budget). Each step runs even if another fails.
@@ -714,9 +792,16 @@ def run_maintenance(
     from actorgen import clients, dispatch
     from actorgen.executors import build_executor
 
+    from actorgen.config import DISPATCH_FUNCTION_TIMEOUT_SECONDS
+
     db = db or clients.firestore_client()
     clock = clock or _utcnow
     report = MaintenanceReport()
+    # Every step has a deadline under the function's timeout; the upload sweep keeps
+    # its own budget (upload_sweep_max_seconds), which the others leave free.
+    started = timer()
+    end = started + DISPATCH_FUNCTION_TIMEOUT_SECONDS - MAINTENANCE_MARGIN_SECONDS
+    sweeps_end = end - settings.upload_sweep_max_seconds
 
     def at() -> datetime:
         return now or clock()
@@ -728,16 +813,21 @@ def run_maintenance(
         return executor
 
     def reconcile_jobs() -> None:
-        run_reconcile_pass(settings, db=db, executor=get_executor(), now=at(), report=report)
+        run_reconcile_pass(settings, db=db, executor=get_executor(), now=at(), report=report,
+                           deadline=min(started + RECONCILE_SECONDS, sweeps_end), timer=timer)
 
     def dispatch_jobs() -> None:
         done = dispatch.run_dispatch_pass(
-            settings, db=db, executor=get_executor(), now=now, clock=clock
+            settings, db=db, executor=get_executor(), now=now, clock=clock,
+            deadline=sweeps_end - PENDING_SWEEP_SECONDS, timer=timer,
         )
         report.dispatched.extend(done.submitted)
 
     def sweep_jobs() -> None:
-        report.taken_in.extend(sweep_pending_jobs(settings, db=db, now=at()))
+        report.taken_in.extend(sweep_pending_jobs(
+            settings, db=db, now=at(),
+            deadline=min(timer() + PENDING_SWEEP_SECONDS, sweeps_end), timer=timer,
+        ))
 
     def sweep_files() -> None:
         files = bucket or clients.storage_bucket(settings.bucket or None)

@@ -48,6 +48,18 @@ DISPATCH_PASS_DOC: Final = "dispatch-pass"
 #: to the next minute.
 DISPATCH_REQUESTS_DOC: Final = "dispatch-requests"
 
+#: ``system/leftover-check``: where the check of completed jobs for a leftover executor
+#: job goes on (reconcile.stop_leftover_executor_jobs), so every completion is looked at.
+LEFTOVER_CHECK_DOC: Final = "leftover-check"
+
+
+class LeftoverCheckField:
+    """Keys of ``system/leftover-check`` (reconciler only)."""
+
+    FINISHED_AT = "finishedAt"  # the finishedAt of the last completed job checked
+    JOB_IDS = "jobIds"  # the jobs checked that finished exactly then (ties)
+    UPDATED_AT = "updatedAt"
+
 
 class DispatchPassField:
     """Keys of ``system/dispatch-pass`` and ``system/dispatch-requests`` (dispatcher only)."""
@@ -180,6 +192,31 @@ def can_transition(current: str | None, new: str) -> bool:
     return new in _TRANSITIONS[current]
 
 
+#: Most characters of a user's value an error message quotes back.
+QUOTE_CHARS: Final = 40
+#: Longest error text written on a job or an actor (``error``, ``modelError``).
+MAX_ERROR_CHARS: Final = 1000
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """A user's value as an error message shows it: its repr, cut to ``limit``
+    characters (a 600 KB string must not come back in the error, nor push the
+    document past Firestore's 1 MiB)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    if len(text) > limit:
+        return f"{text[:limit]}... (a {type(value).__name__})"
+    return text
+
+
+def clip_error(text: str | None, limit: int = MAX_ERROR_CHARS) -> str | None:
+    """An error text no longer than ``limit`` characters (None stays None)."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 3] + "..."
+
+
 class InvalidTransition(ValueError):
     """Raised when code tries a status change the state machine forbids."""
 
@@ -187,7 +224,9 @@ class InvalidTransition(ValueError):
 def check_transition(current: str | None, new: str) -> None:
     """Raise :class:`InvalidTransition` unless ``current -> new`` is allowed."""
     if not can_transition(current, new):
-        raise InvalidTransition(f"job status cannot go from {current or JobStatus.PENDING!r} to {new!r}")
+        raise InvalidTransition(
+            f"job status cannot go from {quote(current or JobStatus.PENDING)} to {quote(new)}"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -428,6 +467,24 @@ JOB_INPUT_FIELDS: Final = (
 )
 
 
+#: Longest strings the app may write (firestore.rules repeats them; a test checks):
+#: job inputs (intake then checks the values), the actor's descriptive fields, an
+#: admin's note on a re-dispatch.
+APP_STRING_LIMITS: Final = {
+    Field.INSTANCE_NAME: 64,
+    Field.BASE_MODEL_ID: 200,
+    Field.CLASS_WORD: 64,
+    "name": 200,  # actors
+    "description": 2000,  # actors
+    "adminNote": 1000,  # training_jobs, written by an admin
+}
+#: An actor's ``imageUrls`` (the app's list): at most this many entries and characters.
+MAX_IMAGE_URLS: Final = 100
+MAX_IMAGE_URLS_CHARS: Final = 100_000
+#: Longest actor id a job may name.
+MAX_ACTOR_ID_CHARS: Final = 128
+
+
 # --------------------------------------------------------------------------
 # Hyper-parameters: ranges and person-LoRA defaults
 # --------------------------------------------------------------------------
@@ -507,14 +564,14 @@ def _coerce(spec: ParamSpec, raw: Any) -> tuple[Any, str | None]:
     if spec.kind is bool:
         if isinstance(raw, bool):
             return raw, None
-        return None, f"{name} must be true or false, got {raw!r}"
+        return None, f"{name} must be true or false, got {quote(raw)}"
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-        return None, f"{name} must be a number, got {raw!r}"
+        return None, f"{name} must be a number, got {quote(raw)}"
     if isinstance(raw, float) and not math.isfinite(raw):
-        return None, f"{name} must be a finite number, got {raw!r}"
+        return None, f"{name} must be a finite number, got {quote(raw)}"
     if spec.kind is int:
         if isinstance(raw, float) and not raw.is_integer():
-            return None, f"{name} must be a whole number, got {raw!r}"
+            return None, f"{name} must be a whole number, got {quote(raw)}"
         value: Any = int(raw)
     else:
         value = float(raw)

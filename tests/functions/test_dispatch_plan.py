@@ -129,5 +129,5 @@ def test_the_queued_scan_reads_due_jobs_in_order_and_has_its_index() -> None:
 
 
 def test_the_completed_job_check_has_its_index() -> None:
-    query = reconcile.recently_completed(offline_jobs(), NOW)
+    query = reconcile.completed_since(offline_jobs(), NOW - timedelta(hours=1), NOW, 50)
     assert required_index(query) in declared_indexes()

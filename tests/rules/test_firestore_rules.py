@@ -216,8 +216,12 @@ class TestJobCreate:
         expect(as_user(ALICE).create("training_jobs", "new", data), DENIED)
 
     def test_all_optional_inputs_are_accepted(self, as_user):
-        data = {field: 1 for field in schema.JOB_INPUT_FIELDS}
+        # Each optional input with a value of its type (rules bound types and sizes).
+        data = {spec.field: spec.default for spec in schema.HYPERPARAMETERS
+                if spec.field in schema.JOB_INPUT_FIELDS}
+        data[Field.CLASS_WORD] = "person"
         data.update(job_input())
+        assert set(data) == set(schema.JOB_INPUT_FIELDS)
         expect(as_user(ALICE).create("training_jobs", "new", data), ALLOWED)
 
     def test_job_for_someone_elses_actor_is_denied(self, as_user):
