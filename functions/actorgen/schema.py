@@ -481,6 +481,14 @@ APP_STRING_LIMITS: Final = {
 #: An actor's ``imageUrls`` (the app's list): at most this many entries and characters.
 MAX_IMAGE_URLS: Final = 100
 MAX_IMAGE_URLS_CHARS: Final = 100_000
+#: What storage.rules lets the app upload as a photo (a test checks the rules): the
+#: content types of the formats validation accepts (imaging.ACCEPTED_FORMATS), at most
+#: this many bytes (the MAX_UPLOAD_BYTES param's default), at most this many photo
+#: records on one actor (twice MAX_IMAGES' default: room for rejected ones).
+UPLOAD_CONTENT_TYPES: Final = ("image/jpeg", "image/png", "image/webp", "image/heic",
+                               "image/heif")
+MAX_UPLOAD_BYTES_RULE: Final = 20 * 1024 * 1024
+MAX_UPLOADS_PER_ACTOR: Final = 60
 #: Longest actor id a job may name.
 MAX_ACTOR_ID_CHARS: Final = 128
 

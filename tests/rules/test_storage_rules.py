@@ -10,6 +10,7 @@ compiler, which shares the rules language).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -40,8 +41,9 @@ def expect(response: requests.Response, status: int) -> None:
 
 
 # ------------------------------------------------------------------ always run
-def test_owner_upload_and_download_round_trip(storage_as, bucket):
+def test_owner_upload_and_download_round_trip(storage_as, bucket, db):
     """The REST helpers work (also under the stand-in, which permits everything)."""
+    db.collection("actors").document("actor-a").set({"userId": ALICE})  # rules: own actor
     alice = storage_as(ALICE)
     expect(alice.upload(PHOTO, JPEG, "image/jpeg"), ALLOWED)
     response = alice.download(PHOTO)
@@ -64,10 +66,52 @@ def test_storage_rules_compile(emulators: EmulatorSuite):
         emulators.put_firestore_rules((REPO_ROOT / "firestore.rules").read_text())
 
 
+def test_storage_rules_match_the_schema_limits():
+    """The upload limits in storage.rules are schema.py's (rules cannot import Python)."""
+    from actorgen import schema
+
+    source = (REPO_ROOT / "storage.rules").read_text()
+    types = re.search(r"contentType in\s*\[([^\]]*)\]", source)
+    assert types is not None
+    assert tuple(re.findall(r"'([^']+)'", types.group(1))) == schema.UPLOAD_CONTENT_TYPES
+    assert "image/svg" not in source and "image/.*" not in source
+    assert "request.resource.size <= 20 * 1024 * 1024" in source
+    assert schema.MAX_UPLOAD_BYTES_RULE == 20 * 1024 * 1024
+    assert f".size() < {schema.MAX_UPLOADS_PER_ACTOR};" in source
+
+
 # ------------------------------------------------------------------ rules (real runtime only)
 @pytest.mark.usefixtures("rules_evaluated")
 class TestUploads:
-    @pytest.mark.parametrize("content_type", ["image/jpeg", "image/png", "image/heic"])
+    @pytest.fixture(autouse=True)
+    def actors(self, db: Any) -> None:
+        """actor-a is Alice's, actor-b Bob's, actor-full Alice's with no room left."""
+        from actorgen import schema
+
+        actors = db.collection(schema.ACTORS)
+        actors.document("actor-a").set({"userId": ALICE})
+        actors.document("actor-b").set({"userId": BOB})
+        full = {f"img{i}": {"status": "rejected"} for i in range(schema.MAX_UPLOADS_PER_ACTOR)}
+        actors.document("actor-full").set({"userId": ALICE, "images": full})
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "users/alice/actors/actor-missing/images/1.jpg",  # no such actor
+            "users/alice/actors/actor-b/images/1.jpg",  # Bob's actor under Alice's path
+            "users/alice/actors/actor-full/images/1.jpg",  # photo cap reached
+        ],
+    )
+    def test_upload_needs_an_own_actor_with_room(self, storage_as, path):
+        expect(storage_as(ALICE).upload(path, JPEG, "image/jpeg"), DENIED)
+
+    @pytest.mark.parametrize("content_type", ["image/svg+xml", "image/gif", "image/tiff"])
+    def test_image_types_the_pipeline_does_not_accept_are_denied(self, storage_as,
+                                                                  content_type):
+        expect(storage_as(ALICE).upload(PHOTO, JPEG, content_type), DENIED)
+
+    @pytest.mark.parametrize("content_type", ["image/jpeg", "image/png", "image/heic",
+                                              "image/webp"])
     def test_owner_uploads_image(self, storage_as, content_type):
         expect(storage_as(ALICE).upload(PHOTO, JPEG, content_type), ALLOWED)
 
@@ -81,8 +125,8 @@ class TestUploads:
     def test_non_image_is_denied(self, storage_as, content_type):
         expect(storage_as(ALICE).upload(PHOTO, JPEG, content_type), DENIED)
 
-    def test_over_25_mib_is_denied(self, storage_as):
-        expect(storage_as(ALICE).upload(PHOTO, b"\0" * (25 * 1024 * 1024 + 1), "image/jpeg"), DENIED)
+    def test_over_20_mib_is_denied(self, storage_as):
+        expect(storage_as(ALICE).upload(PHOTO, b"\0" * (20 * 1024 * 1024 + 1), "image/jpeg"), DENIED)
 
     def test_empty_file_is_denied(self, storage_as):
         expect(storage_as(ALICE).upload(PHOTO, b"", "image/jpeg"), DENIED)
