@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from actorgen import schema
+from actorgen.config import Settings
 from actorgen.schema import Field, ImageField, ImageStatus, JobStatus, ModelStatus
 from tests import photos
 
@@ -138,6 +139,14 @@ def test_uploads_to_completed_model(
     assert job[Field.TRAINED_MODEL_ID]
     actor = actor_ref.get().to_dict()
     assert actor[Field.MODEL_STATUS] == ModelStatus.READY
+    # Cost: the dispatcher priced the worker from GPU_PRICES (the defaults here), the
+    # executor passed it on, and the trainer turned its seconds into an estimate.
+    price = Settings().worker_price_per_hour()
+    assert price is not None and job[Field.GPU_SECONDS] > 0
+    assert job[Field.ESTIMATED_COST_USD] == pytest.approx(
+        job[Field.GPU_SECONDS] / 3600 * price, rel=1e-3, abs=1e-6)
+    print(f"e2e cost: {job[Field.GPU_SECONDS]:.1f} worker seconds, "
+          f"${job[Field.ESTIMATED_COST_USD]:.5f} at ${price}/h")
 
     # The every-minute pass (sweep, reconcile, dispatch) leaves a completed job alone.
     stamp = job_ref.get().update_time
