@@ -41,6 +41,16 @@ FUNCTIONS_REGION = "us-central1"
 #: deadlines under it (dispatch.pass_deadline, reconcile.run_maintenance).
 DISPATCH_FUNCTION_TIMEOUT_SECONDS = 300
 
+#: The service account every function runs as: a param, so that each project names
+#: its own, and never the default compute account (which has Editor on the project).
+#: "name@" is the Firebase CLI's short form of name@PROJECT.iam.gserviceaccount.com.
+FUNCTIONS_SERVICE_ACCOUNT = StringParam(
+    "FUNCTIONS_SERVICE_ACCOUNT",
+    default="actorgen-functions@",
+    description="Service account the functions run as ('name@' means "
+    "name@PROJECT.iam.gserviceaccount.com); its roles are listed in docs/deployment.md.",
+)
+
 # ---------------------------------------------------------------- executor
 EXECUTOR = StringParam(
     "EXECUTOR",
@@ -93,8 +103,9 @@ TRAINING_TIMEOUT_SECONDS = IntParam(
 TRAINER_SERVICE_ACCOUNT = StringParam(
     "TRAINER_SERVICE_ACCOUNT",
     default="",
-    description="Service account the training job runs as (needs Firestore and Storage "
-    "access); empty uses Vertex's default.",
+    description="Service account the training job runs as (e.g. "
+    "actorgen-trainer@PROJECT.iam.gserviceaccount.com; roles in docs/deployment.md). "
+    "Required for vertex: without it the trainer cannot reach Firestore or Storage.",
 )
 VERTEX_API_ENDPOINT = StringParam(
     "VERTEX_API_ENDPOINT",

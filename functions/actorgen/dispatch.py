@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from actorgen import jobs, schema
+from actorgen import jobs, logs, schema
 from actorgen.schema import AttemptOutcome, Field, JobStatus
 from actorgen.txn import run_in_transaction
 
@@ -337,8 +337,11 @@ def _dispatch_round(
     for candidate in plan_dispatch(queued, running, settings, now):
         if out_of_time():
             return False
-        if _dispatch_one(db, candidate.job_id, settings, now, clock, owner, get_executor,
-                         report, running) == _PASS_LOST:
+        with logs.context(job_id=candidate.job_id, user_id=candidate.user_id or None,
+                          attempt=candidate.attempt + 1):  # the attempt being dispatched
+            outcome = _dispatch_one(db, candidate.job_id, settings, now, clock, owner,
+                                    get_executor, report, running)
+        if outcome == _PASS_LOST:
             report.cut_off = True
             return False
     return True

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from actorgen import jobs, schema
+from actorgen import jobs, logs, schema
 from actorgen.schema import AttemptOutcome, Field, JobStatus
 from actorgen.txn import run_in_transaction
 
@@ -525,12 +525,15 @@ def run_reconcile_pass(
     for snap in snaps:
         if out_of_time():
             return report
-        try:
-            action = reconcile_job(db, executor, snap.id, settings, now)
-        except Exception as err:  # one bad job must not stop the pass
-            log.exception("reconciling job %s failed", snap.id)
-            report.errors.append(f"{snap.id}: {err}")
-            continue
+        seen = snap.to_dict() or {}
+        with logs.context(job_id=snap.id, user_id=seen.get(Field.USER_ID),
+                          attempt=seen.get(Field.ATTEMPT)):
+            try:
+                action = reconcile_job(db, executor, snap.id, settings, now)
+            except Exception as err:  # one bad job must not stop the pass
+                log.exception("reconciling job %s failed", snap.id)
+                report.errors.append(f"{snap.id}: {err}")
+                continue
         if action != Action.NONE:
             report.reconciled[snap.id] = action
     waiting = jobs_ref.where(filter=FieldFilter(Field.STATUS, "in", sorted(CANCEL_DIRECTLY)))

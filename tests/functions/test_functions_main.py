@@ -81,3 +81,12 @@ def test_every_param_has_a_default_and_a_description(discovered: dict) -> None:
 
 def test_import_stays_light(discovered: dict) -> None:
     assert discovered["heavy"] == []
+
+
+def test_every_function_runs_as_the_service_account_param(discovered: dict) -> None:
+    # Never the default compute account: firebase deploy resolves the param (and expands
+    # the "name@" short form to name@PROJECT.iam.gserviceaccount.com).
+    for name, endpoint in discovered["spec"]["endpoints"].items():
+        assert endpoint["serviceAccountEmail"] == "{{ params.FUNCTIONS_SERVICE_ACCOUNT }}", name
+    [param] = [p for p in discovered["spec"]["params"] if p["name"] == "FUNCTIONS_SERVICE_ACCOUNT"]
+    assert param["default"].endswith("@")

@@ -10,7 +10,6 @@ local demo, or ``--compile`` on a Vertex deployment) that the command line overr
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
@@ -79,18 +78,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress-bar", action="store_true")
     p.add_argument("--keep-work-dir", action="store_true")
     p.add_argument("--log-level", default=os.environ.get("ACTORGEN_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-format", choices=("json", "text"),
+                   default=os.environ.get("ACTORGEN_LOG_FORMAT", "json"),
+                   help="json: one Cloud Logging structured line per record, with job, "
+                        "attempt and user (default; env ACTORGEN_LOG_FORMAT); text: for a "
+                        "terminal")
     args = p.parse_args(argv)
     if not args.job_id:
         p.error(f"--job-id (or {schema.ENV_JOB_ID}) is required")
     return args
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Structured lines on stderr (Vertex sends both streams to Cloud Logging), each with
+    this process's job and attempt; the run adds the user once it has read the job."""
+    from actorgen import logs
+
+    logs.install(function=schema.TRAINER_MODULE, level=args.log_level.upper(),
+                 stream=sys.stderr, json_lines=args.log_format == "json")
+    logs.set_defaults(job_id=args.job_id, attempt=args.attempt)
 
 
 def with_env_defaults(argv: list[str]) -> list[str]:
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         # The command line alone is what the executor wrote; when it parses, the fault
         # is the deployment's TRAINER_ARGS: end the job with that, not a retry loop.
         args = parse_args(argv)
-        _configure_logging(args.log_level)
+        _configure_logging(args)
         from .run import record_startup_failure
 
         return record_startup_failure(
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{os.environ.get(schema.ENV_TRAINER_ARGS, '')!r}; fix the param, then "
             f"re-dispatch the job",
         )
-    _configure_logging(args.log_level)
+    _configure_logging(args)
     from .run import RunOptions, run_job
 
     settings = {

@@ -121,8 +121,11 @@ def hub_token() -> str | None:
 
     Raises :class:`TokenUnavailable` when a secret is configured but cannot be read.
     """
+    from actorgen import logs
+
     token = os.environ.get(ENV_TOKEN, "").strip()
     if token:
+        logs.register_secret(token)  # whatever prints it later, the logs never show it
         return token
     secret = os.environ.get(ENV_TOKEN_SECRET, "").strip()
     if not secret:
@@ -130,6 +133,7 @@ def hub_token() -> str | None:
     token = _access_secret(secret_version_name(secret))
     if not token:
         raise TokenUnavailable(f"the secret {secret_version_name(secret)} is empty")
+    logs.register_secret(token)
     return token
 
 

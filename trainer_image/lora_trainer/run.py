@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actorgen import schema
+from actorgen import logs, schema
 
 from .errors import (
     AlreadyCompleted,
@@ -115,6 +115,8 @@ def run_job(options: RunOptions) -> int:
         os.environ[schema.ENV_PROJECT] = options.project
     if options.bucket:
         os.environ[schema.ENV_BUCKET] = options.bucket
+    # Process-wide, not a context: the reporter's heartbeat thread logs too.
+    logs.set_defaults(job_id=options.job_id, attempt=options.attempt, user_id=None)
     stop = StopFlag()
     stop.install()
     reporter: JobReporter | None = None
@@ -179,6 +181,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
         config = TrainConfig.from_job(options.job_id, options.attempt, job, **options.settings)
         if options.max_steps_override:
             config = dataclasses.replace(config, max_train_steps=options.max_steps_override)
+        logs.set_defaults(user_id=config.user_id)
         if actor is None:
             raise DataError(f"the actor {config.actor_id!r} of this job does not exist")
         work = options.work_dir / options.job_id / f"attempt-{options.attempt}"
