@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from actorgen import schema
+from actorgen import identity, schema
 from actorgen.schema import Field, ImageField, ImageStatus, JobStatus
 from actorgen.txn import run_in_transaction
 
@@ -200,7 +200,8 @@ def _image_problems(actor: Mapping[str, Any], settings: Settings) -> list[str]:
             f"used: remove {accepted - settings.max_images}"
         )
         return [message]
-    return []
+    mixed = identity.mixed_people_problem(images)  # the photos must still be one person
+    return [mixed] if mixed else []
 
 
 # --------------------------------------------------------------------------- I/O

@@ -2,13 +2,16 @@
 
 A photo uploaded to ``users/{uid}/actors/{actorId}/images/{file}`` is accepted when
 it decodes (JPEG, PNG, WebP, HEIC), is small enough in bytes and large enough in
-pixels, is not the same photo (exactly, or nearly) as another accepted photo of
-the actor, shows exactly one face of usable size, and the actor has room for it.
-Otherwise it is rejected with a reason the app can show; the file itself is kept.
+pixels, shows exactly one face of usable size and quality (sharp, lit, inside the
+frame, not in profile), is not the same photo as another accepted photo of the
+actor (exactly, by appearance, or by a face that is a copy), shows the actor's
+person (:mod:`actorgen.identity`), and the actor has room for it. Otherwise it is
+rejected with a reason the app can show; the file itself is kept.
 
-The policy (:func:`analyse`, :func:`judge`) is pure; :func:`handle_upload` does the
-I/O: it reads the object, then writes ``actors/{actorId}.images.{imageId}`` and
-``acceptedImageCount`` in one transaction. Uploads whose actor does not exist, or
+The policy (:func:`analyse`, :func:`judge`, :func:`rejudge_identity`) is pure;
+:func:`handle_upload` does the I/O: it reads the object, then writes
+``actors/{actorId}.images.{imageId}``, the records of earlier photos whose
+identity verdict changed, and ``acceptedImageCount`` in one transaction. Uploads whose actor does not exist, or
 belongs to another user, are logged and nothing is written: the path names the
 uploader, and an actor that is not theirs must not be touched. (If the actor
 document is merely created after its photos, the sweeper validates them later.)
@@ -23,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from actorgen import imaging, schema
-from actorgen.faces import FaceBox
+from actorgen import faces, identity, imaging, schema
+from actorgen.faces import FaceAnalysis, QualityLimits, QualityProblem
 from actorgen.schema import Field, ImageField, ImageStatus
 from actorgen.txn import run_in_transaction
 
@@ -42,9 +45,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Perceptual hashes this close (bits of 64) are "the same photo" (re-saved, resized,
-#: lightly edited). Different photos of one person differ by ~20-35 bits.
+#: Perceptual hashes (imagehash's pHash) this close, in bits of 64, are "the same photo"
+#: (re-saved, resized, recoloured: 0 bits measured). Crops (10-14 bits) and mirrored
+#: copies (28-32) are caught by the face instead (IDENTITY_COPY_MAX_DISTANCE).
 NEAR_DUPLICATE_BITS: Final = 10
+#: Faces this close (embedding distance) are the same photo of the face: mirrored,
+#: cropped, re-encoded, resized, recoloured or rotated copies of real photos measured
+#: 0.00-0.22, distinct real photos of one person 0.32-0.45 (docs/faces.md).
+IDENTITY_COPY_MAX_DISTANCE: Final = 0.25
 #: A usable face is at least this share of the photo's short side, and this many pixels.
 MIN_FACE_FRACTION: Final = 0.10
 MIN_FACE_PIXELS: Final = 64
@@ -56,7 +64,7 @@ DETECT_FACE_FRACTION: Final = 0.04
 SECOND_FACE_RATIO: Final = 0.5
 
 
-#: Reason for a file the decoder choked on in an unexpected way.
+#: Reason for a file the decoder or the analysis choked on in an unexpected way.
 UNPROCESSABLE: Final = (
     "The photo could not be processed; upload it again, or upload another photo."
 )
@@ -75,7 +83,43 @@ class Reason:
     NO_FACE = "no-face"
     MANY_FACES = "many-faces"
     SMALL_FACE = "small-face"
+    FACE_CUT_OFF = "face-cut-off"
+    PROFILE = "profile"
+    TOO_DARK = "too-dark"
+    OVEREXPOSED = "overexposed"
+    BLURRY = "blurry"
+    DIFFERENT_PERSON = "different-person"
+    UNPROCESSABLE = "unprocessable"
     TOO_MANY_IMAGES = "too-many-images"
+
+
+#: What to do about each face quality problem (faces.QualityProblem -> Reason, text).
+_QUALITY_REASONS: Final = {
+    QualityProblem.CUT_OFF: (
+        Reason.FACE_CUT_OFF,
+        "The face is cut off by the edge of the photo; upload a photo with the whole face "
+        "and some room around it.",
+    ),
+    QualityProblem.PROFILE: (
+        Reason.PROFILE,
+        "The face is turned too far to the side; upload a photo where both eyes are "
+        "visible (facing the camera or turned a little).",
+    ),
+    QualityProblem.DARK: (
+        Reason.TOO_DARK,
+        "The face is too dark to see; upload a photo taken in better light.",
+    ),
+    QualityProblem.BLOWN_OUT: (
+        Reason.OVEREXPOSED,
+        "The face is washed out by light (overexposed); upload a photo without strong light "
+        "or flash on the face.",
+    ),
+    QualityProblem.BLURRY: (
+        Reason.BLURRY,
+        "The face is blurry; upload a sharp photo (hold the camera still and focus on the "
+        "face).",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +133,9 @@ class UploadPolicy:
     near_duplicate_bits: int = NEAR_DUPLICATE_BITS
     min_face_fraction: float = MIN_FACE_FRACTION
     min_face_pixels: int = MIN_FACE_PIXELS
+    identity_copy_distance: float = IDENTITY_COPY_MAX_DISTANCE
+    same_person_distance: float = faces.SAME_PERSON_MAX_DISTANCE
+    quality: QualityLimits = QualityLimits()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UploadPolicy:
@@ -110,7 +157,9 @@ class ImageFacts:
     width: int = 0
     height: int = 0
     phash: str = ""
-    faces: tuple[FaceBox, ...] = ()
+    faces: tuple[FaceAnalysis, ...] = ()
+    #: Set when hashing or face analysis failed unexpectedly (the reason to record).
+    analysis_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +167,7 @@ class Verdict:
     status: str  # ImageStatus
     code: str  # Reason
     reason: str | None = None  # None when accepted
-    face: FaceBox | None = None
+    face: FaceAnalysis | None = None
 
     @property
     def accepted(self) -> bool:
@@ -127,9 +176,10 @@ class Verdict:
 
 # --------------------------------------------------------------------------- pure policy
 def analyse(data: bytes, policy: UploadPolicy) -> ImageFacts:
-    """Decode ``data`` and measure it (format, oriented size, perceptual hash, faces)."""
-    from actorgen import faces as face_detection
+    """Decode ``data`` and measure it (format, oriented size, perceptual hash, faces).
 
+    Never raises for a bad file: every failure ends in the facts (and so in a verdict).
+    """
     facts = ImageFacts(size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     if not data or len(data) > policy.max_bytes:
         return facts  # judged on size alone; never decode what is too big to accept
@@ -142,12 +192,16 @@ def analyse(data: bytes, policy: UploadPolicy) -> ImageFacts:
         return dataclasses.replace(facts, decode_error=UNPROCESSABLE)
     image = decoded.image
     width, height = image.size
-    facts = dataclasses.replace(
-        facts, format=decoded.format, width=width, height=height, phash=perceptual_hash(image)
-    )
-    if min(width, height) < policy.min_side:
-        return facts  # rejected on resolution; face detection would be wasted
-    found = face_detection.detect_faces(image, min_face_fraction=DETECT_FACE_FRACTION)
+    facts = dataclasses.replace(facts, format=decoded.format, width=width, height=height)
+    try:
+        facts = dataclasses.replace(facts, phash=perceptual_hash(image))
+        if min(width, height) < policy.min_side:
+            return facts  # rejected on resolution; face analysis would be wasted
+        found = faces.analyze_faces(image, min_face_fraction=DETECT_FACE_FRACTION)
+    except Exception as err:  # one odd photo must end in a verdict, not a retry loop
+        log.error("analysing an upload failed unexpectedly: %s", type(err).__name__,
+                  exc_info=True)
+        return dataclasses.replace(facts, analysis_error=UNPROCESSABLE)
     return dataclasses.replace(facts, faces=tuple(found))
 
 
@@ -167,6 +221,8 @@ def judge(
         )
     if facts.decode_error:
         return _reject(Reason.UNREADABLE, facts.decode_error)
+    if facts.analysis_error:
+        return _reject(Reason.UNPROCESSABLE, facts.analysis_error)
     if min(facts.width, facts.height) < policy.min_side:
         return _reject(
             Reason.TOO_SMALL,
@@ -201,34 +257,133 @@ def judge(
             f"This photo shows {len(faces)} faces; upload photos with only the person.",
         )
     face = faces[0]
+    box = face.box
     short = min(facts.width, facts.height)
     needed = max(policy.min_face_pixels, round(policy.min_face_fraction * short))
-    if min(face.w, face.h) < needed:
+    if min(box.w, box.h) < needed:
         return _reject(
             Reason.SMALL_FACE,
-            f"The face is too small ({min(face.w, face.h)} pixels, "
-            f"{100 * min(face.w, face.h) / short:.0f}% of the photo's short side); use a closer "
+            f"The face is too small ({min(box.w, box.h)} pixels, "
+            f"{100 * min(box.w, box.h) / short:.0f}% of the photo's short side); use a closer "
             f"photo where the face is at least {needed} pixels "
             f"({100 * needed / short:.0f}%) across.",
             face,
         )
-    if len(accepted) >= policy.max_images:
+    copy = _identity_copy_of(face, accepted, policy)
+    if copy is not None:
+        record, distance = copy
         return _reject(
-            Reason.TOO_MANY_IMAGES,
-            f"This actor already has {len(accepted)} accepted photos, the most allowed "
-            f"({policy.max_images}); this one was not added.",
+            Reason.NEAR_DUPLICATE,
+            f"This looks like a copy of {_name(record)} (the same photo, mirrored, cropped or "
+            f"re-saved: the faces are {distance:.2f} apart, different photos are more than "
+            f"{policy.identity_copy_distance:.2f}); upload a different photo of the person.",
             face,
         )
+    problems = face.quality.problems(policy.quality)
+    if problems:
+        code, text = _QUALITY_REASONS[problems[0]]
+        return _reject(code, text, face)
+    if len(accepted) >= policy.max_images:
+        return _reject(Reason.TOO_MANY_IMAGES,
+                       _too_many(policy, len(accepted))[ImageField.REASON], face)
     return Verdict(ImageStatus.ACCEPTED, Reason.OK, None, face)
 
 
-def counted_faces(faces: tuple[FaceBox, ...] | list[FaceBox]) -> list[FaceBox]:
+def counted_faces(found: Sequence[FaceAnalysis]) -> list[FaceAnalysis]:
     """Faces that count as people in the photo, largest first."""
-    if not faces:
+    if not found:
         return []
-    ordered = sorted(faces, key=lambda f: f.w * f.h, reverse=True)
-    largest = ordered[0].w
-    return [f for f in ordered if f.w >= SECOND_FACE_RATIO * largest]
+    ordered = sorted(found, key=lambda f: f.box.area, reverse=True)
+    largest = ordered[0].box.w
+    return [f for f in ordered if f.box.w >= SECOND_FACE_RATIO * largest]
+
+
+def _identity_copy_of(
+    face: FaceAnalysis, accepted: Sequence[Mapping[str, Any]], policy: UploadPolicy
+) -> tuple[Mapping[str, Any], float] | None:
+    """The accepted record whose face is a copy of ``face`` (closest first), with the distance."""
+    closest = None
+    for record in accepted:
+        other = faces.embedding_from_record(record)
+        if other is None:
+            continue
+        distance = faces.embedding_distance(face.embedding, other)
+        if distance <= policy.identity_copy_distance and (
+            closest is None or distance < closest[1]
+        ):
+            closest = (record, distance)
+    return closest
+
+
+def rejudge_identity(
+    images: Mapping[str, Mapping[str, Any]], policy: UploadPolicy
+) -> dict[str, dict[str, Any]]:
+    """Records (by imageId) whose one-person verdict changes, given all the actor's records.
+
+    The candidates are the photos whose face passed every other check: accepted
+    ones, and those rejected as a different person or for want of room. They are
+    judged together by :func:`actorgen.identity.judge_identity`, so who the person
+    is does not depend on the order they arrived in. The person's photos are
+    accepted while the actor has room (those accepted stay, then the others by
+    when they were judged), other people's are rejected; each candidate gets its
+    ``identityDistance``.
+    """
+    waiting = (Reason.DIFFERENT_PERSON, Reason.TOO_MANY_IMAGES)
+    candidates = {
+        key: emb for key, record in images.items()
+        if (record.get(ImageField.STATUS) == ImageStatus.ACCEPTED
+            or record.get(ImageField.REASON_CODE) in waiting)
+        and (emb := faces.embedding_from_record(record)) is not None
+    }
+    judged = identity.judge_identity(candidates, max_distance=policy.same_person_distance)
+
+    def is_accepted(key: str) -> bool:
+        return images[key].get(ImageField.STATUS) == ImageStatus.ACCEPTED
+
+    # Accepted photos without an embedding (judged before faces were embedded) keep
+    # their place; they take no part in the identity vote.
+    room = policy.max_images - sum(1 for k in images if is_accepted(k) and k not in candidates)
+    members = sorted(judged.members, key=lambda k: (
+        not is_accepted(k), str(images[k].get(ImageField.VALIDATED_AT) or ""), k))
+    keep = set(members[:max(0, room)])
+    changed: dict[str, dict[str, Any]] = {}
+    for key in sorted(candidates):
+        record = dict(images[key])
+        if key in judged.outsiders:
+            record.update(_different_person(judged.distance(key), policy))
+        elif key in keep:
+            record.update({ImageField.STATUS: ImageStatus.ACCEPTED, ImageField.REASON: None,
+                           ImageField.REASON_CODE: Reason.OK})
+        else:
+            record.update(_too_many(policy))
+        record[ImageField.IDENTITY_DISTANCE] = judged.distance(key)
+        if record != images[key]:
+            changed[key] = record
+    return changed
+
+
+def _too_many(policy: UploadPolicy, accepted: int | None = None) -> dict[str, Any]:
+    return {
+        ImageField.STATUS: ImageStatus.REJECTED,
+        ImageField.REASON_CODE: Reason.TOO_MANY_IMAGES,
+        ImageField.REASON: (
+            f"This actor already has {policy.max_images if accepted is None else accepted} "
+            f"accepted photos, the most allowed ({policy.max_images}); this one was not added."
+        ),
+    }
+
+
+def _different_person(distance: float | None, policy: UploadPolicy) -> dict[str, Any]:
+    apart = f" (faces {distance:.2f} apart; one person is under " \
+        f"{policy.same_person_distance:.2f})" if distance is not None else ""
+    return {
+        ImageField.STATUS: ImageStatus.REJECTED,
+        ImageField.REASON_CODE: Reason.DIFFERENT_PERSON,
+        ImageField.REASON: (
+            f"This looks like a different person from your other photos{apart}; upload "
+            "photos of one person only."
+        ),
+    }
 
 
 def image_record(
@@ -253,7 +408,12 @@ def image_record(
         ImageField.HEIGHT: facts.height or None,
         ImageField.SHA256: facts.sha256,
         ImageField.PHASH: facts.phash or None,
-        ImageField.FACE: verdict.face.as_dict() if verdict.face else None,
+        ImageField.FACE: None,
+        ImageField.LANDMARKS: None,
+        ImageField.EMBEDDING: None,
+        ImageField.FACE_QUALITY: None,
+        ImageField.IDENTITY_DISTANCE: None,
+        **(verdict.face.as_record() if verdict.face else {}),
         ImageField.VALIDATED_AT: now,
     }
 
@@ -263,18 +423,10 @@ def accepted_count(images: Mapping[str, Mapping[str, Any]]) -> int:
 
 
 def perceptual_hash(image: Image.Image) -> str:
-    """64-bit DCT perceptual hash (pHash) as 16 hex digits."""
-    import numpy as np
-    from PIL import Image as PILImage
+    """64-bit DCT perceptual hash (imagehash's pHash) as 16 hex digits."""
+    import imagehash
 
-    size = 32
-    gray = image.convert("L").resize((size, size), PILImage.Resampling.LANCZOS)
-    pixels = np.asarray(gray, dtype=np.float64)
-    n = np.arange(size)
-    dct = np.cos(np.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * size))
-    low = (dct @ pixels @ dct.T)[:8, :8].flatten()
-    bits = low > np.median(low[1:])  # the DC term would dominate the median
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+    return str(imagehash.phash(image))
 
 
 def hamming(a: str, b: str) -> int:
@@ -282,7 +434,7 @@ def hamming(a: str, b: str) -> int:
     return (int(a, 16) ^ int(b, 16)).bit_count()
 
 
-def _reject(code: str, reason: str, face: FaceBox | None = None) -> Verdict:
+def _reject(code: str, reason: str, face: FaceAnalysis | None = None) -> Verdict:
     return Verdict(ImageStatus.REJECTED, code, reason, face)
 
 
@@ -380,15 +532,21 @@ def handle_upload(
         images = dict((snapshot.to_dict() or {}).get(Field.IMAGES) or {})
         others = {k: v for k, v in images.items() if k != image_key and isinstance(v, dict)}
         verdict = judge(facts, others, policy)
-        images[image_key] = image_record(event.name, event.generation, facts, verdict, when)
+        images = {**others, image_key: image_record(
+            event.name, event.generation, facts, verdict, when)}
+        changed = rejudge_identity(images, policy)
+        images.update(changed)
         transaction.update(
             actor_ref,
             {
-                f"{Field.IMAGES}.{image_key}": images[image_key],
-                Field.ACCEPTED_IMAGE_COUNT: accepted_count(others) + int(verdict.accepted),
+                **{f"{Field.IMAGES}.{key}": images[key] for key in {image_key, *changed}},
+                Field.ACCEPTED_IMAGE_COUNT: accepted_count(images),
             },
         )
-        return verdict.status
+        if changed.keys() - {image_key}:
+            log.info("upload %s: identity verdicts changed on %s", event.name,
+                     sorted(changed.keys() - {image_key}))
+        return str(images[image_key][ImageField.STATUS])
 
     outcome = run_in_transaction(db, record)
     if outcome in (Outcome.ACCEPTED, Outcome.REJECTED):
@@ -422,7 +580,6 @@ def handle_deleted(
 
     from actorgen import clients
 
-    del settings  # no limit applies to forgetting a photo; kept for the trigger's signature
     path = schema.parse_upload_path(event.name)
     if path is None:
         return Outcome.NOT_AN_UPLOAD
@@ -456,8 +613,12 @@ def handle_deleted(
         if (seen is None or deleted is None or seen < deleted) and object_is_live():
             return Outcome.KEPT  # not provably the deleted one, and the name is live
         others = {k: v for k, v in images.items() if k != image_key and isinstance(v, dict)}
+        # Without this photo the person's group may change: judge the rest again.
+        changed = rejudge_identity(others, UploadPolicy.from_settings(settings))
+        others.update(changed)
         transaction.update(actor_ref, {
             f"{Field.IMAGES}.{image_key}": firestore.DELETE_FIELD,
+            **{f"{Field.IMAGES}.{key}": others[key] for key in changed},
             Field.ACCEPTED_IMAGE_COUNT: accepted_count(others),
         })
         return Outcome.REMOVED

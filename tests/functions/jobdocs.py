@@ -76,3 +76,19 @@ def put_upload(bucket: Any, uid: str, actor_id: str, name: str, data: bytes) -> 
     blob = bucket.blob(path)
     blob.upload_from_string(data, content_type="image/jpeg")
     return UploadEvent(bucket.name, path, blob.generation, blob.size)
+
+
+def real_records(uid: str, actor_id: str, **photos_by_name: bytes) -> dict[str, dict[str, Any]]:
+    """Accepted image records of real photos, as validation wrote them (faces included)."""
+    from actorgen import uploads
+    from actorgen.config import Settings
+
+    policy = uploads.UploadPolicy.from_settings(Settings())
+    records = {}
+    for name, data in photos_by_name.items():
+        facts = uploads.analyse(data, policy)
+        verdict = uploads.Verdict(ImageStatus.ACCEPTED, uploads.Reason.OK, None, facts.faces[0])
+        path = schema.upload_path(uid, actor_id, f"{name}.jpg")
+        records[schema.image_id(path)] = uploads.image_record(path, 1, facts, verdict,
+                                                              datetime.now(UTC))
+    return records

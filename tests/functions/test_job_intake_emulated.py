@@ -151,3 +151,20 @@ def test_sweeper_takes_in_jobs_whose_trigger_was_lost(db: Any, owner: str) -> No
     later = now + timedelta(seconds=SETTINGS.sweep_after_seconds + 5)
     assert job_id in reconcile.sweep_pending_jobs(SETTINGS, db=db, now=later)
     assert get(db, schema.TRAINING_JOBS, job_id)[Field.STATUS] == JobStatus.QUEUED
+
+
+def test_a_job_whose_accepted_photos_are_two_people_is_rejected(db: Any, owner: str) -> None:
+    from tests import photos
+    from tests.functions.jobdocs import real_records
+
+    images = real_records(owner, "actor-x", **{f"me{i}": photos.jpeg(photos.portrait(i)) for i in range(4)},
+                          stranger=photos.jpeg(photos.other_person(0)))
+    actor_id = put_actor(db, owner, **{Field.IMAGES: images, Field.ACCEPTED_IMAGE_COUNT: 5})
+    job_id = make_job(db, owner, actor_id)
+    assert take_in(db, job_id) == IntakeOutcome.REJECTED
+    job = get(db, schema.TRAINING_JOBS, job_id)
+    assert job[Field.ERROR] == (
+        "the photos stranger.jpg show a different person from the other 4; remove them (or "
+        "replace them with photos of the person)"
+    )
+    assert get(db, schema.ACTORS, actor_id)[Field.MODEL_ERROR] == job[Field.ERROR]

@@ -9,6 +9,8 @@ from actorgen import intake, schema
 from actorgen.config import Settings
 from actorgen.schema import Field, ImageField, ImageStatus
 
+from tests.functions.jobdocs import real_records
+
 SETTINGS = Settings()
 UID = "user-1"
 
@@ -118,3 +120,53 @@ def test_allow_list_comes_from_settings() -> None:
 
 def test_minimum_comes_from_settings() -> None:
     assert intake.review_job(job(), actor(accepted=2), Settings(min_images=2)).accepted
+
+
+# ------------------------------------------------ the accepted photos must be one person
+@pytest.fixture(scope="module")
+def person_and_strangers() -> dict[str, dict[str, Any]]:
+    from tests import photos
+
+    return real_records(
+        UID, "actor-1",
+        **{f"me{i}": photos.jpeg(photos.portrait(i)) for i in range(5)},
+        stranger=photos.jpeg(photos.other_person(0)),
+        other=photos.jpeg(photos.other_person(1)),
+    )
+
+
+def test_accepted_photos_of_other_people_are_named(
+    person_and_strangers: dict[str, dict[str, Any]],
+) -> None:
+    # Records accepted before the one-person rule existed, or edited: intake looks again.
+    images = dict(person_and_strangers)
+    review = intake.review_job(job(), {Field.USER_ID: UID, Field.IMAGES: images}, SETTINGS)
+    assert not review.accepted
+    assert review.error == (
+        "the photos other.jpg, stranger.jpg show a different person from the other 5; remove "
+        "them (or replace them with photos of the person)"
+    )
+    one_person = {k: v for k, v in images.items() if v[ImageField.FILE_NAME].startswith("me")}
+    assert intake.review_job(job(), {Field.USER_ID: UID, Field.IMAGES: one_person},
+                             SETTINGS).accepted
+
+
+def test_an_undecided_set_names_who_is_who(
+    person_and_strangers: dict[str, dict[str, Any]],
+) -> None:
+    picked = ("me0.jpg", "me1.jpg", "me2.jpg", "stranger.jpg", "other.jpg")
+    images = {k: v for k, v in person_and_strangers.items()
+              if v[ImageField.FILE_NAME] in picked}
+    # Three of one person against two others is decisive; two against two is not.
+    del images[next(k for k, v in images.items() if v[ImageField.FILE_NAME] == "me2.jpg")]
+    review = intake.review_job(job(), {Field.USER_ID: UID, Field.IMAGES: images},
+                               Settings(min_images=4))
+    assert review.error is not None and "other.jpg, stranger.jpg show a different" in review.error
+    tie = {k: v for k, v in images.items()
+           if v[ImageField.FILE_NAME] in ("me0.jpg", "stranger.jpg")}
+    review = intake.review_job(job(), {Field.USER_ID: UID, Field.IMAGES: tie},
+                               Settings(min_images=2))
+    assert review.error == (
+        "the accepted photos show 2 different people: (me0.jpg); (stranger.jpg); keep the "
+        "photos of one person and remove the others"
+    )

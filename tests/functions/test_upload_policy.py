@@ -5,13 +5,22 @@ from __future__ import annotations
 import pytest
 from actorgen import uploads
 from actorgen.config import Settings
-from actorgen.faces import FaceBox
+from actorgen.faces import FaceAnalysis, FaceBox, FaceQuality
 from actorgen.schema import ImageField, ImageStatus
 from actorgen.uploads import ImageFacts, Reason, UploadPolicy
 
 from tests import photos
 
 POLICY = UploadPolicy.from_settings(Settings())
+#: A usable face's measurements (sharp, well lit, frontal, inside the photo).
+GOOD_QUALITY = FaceQuality(sharpness=200, brightness=130, clipped=0.0, yaw=0.05, cut_off=0.0)
+
+
+def face(x: int, y: int, w: int, h: int, quality: FaceQuality = GOOD_QUALITY,
+         embedding: list[float] | None = None) -> FaceAnalysis:
+    """A face found at (x, y, w, h); the judge's rules here look at its box and quality."""
+    return FaceAnalysis(FaceBox(x, y, w, h), [(x + w * 0.3, y + h * 0.4)] * 5,
+                        embedding or [0.0] * 128, quality)
 
 
 def facts(**overrides: object) -> ImageFacts:
@@ -23,7 +32,7 @@ def facts(**overrides: object) -> ImageFacts:
         "width": 768,
         "height": 640,
         "phash": "f0f0f0f0f0f0f0f0",
-        "faces": (FaceBox(300, 180, 150, 150),),
+        "faces": (face(300, 180, 150, 150),),
     }
     base.update(overrides)
     return ImageFacts(**base)  # type: ignore[arg-type]
@@ -41,7 +50,7 @@ def accepted_record(name: str, sha: str, phash: str) -> dict[str, object]:
 def test_good_photo_is_accepted_with_its_face() -> None:
     verdict = uploads.judge(facts(), {}, POLICY)
     assert verdict.accepted and verdict.code == Reason.OK and verdict.reason is None
-    assert verdict.face == FaceBox(300, 180, 150, 150)
+    assert verdict.face is not None and verdict.face.box == FaceBox(300, 180, 150, 150)
 
 
 @pytest.mark.parametrize(
@@ -53,11 +62,21 @@ def test_good_photo_is_accepted_with_its_face() -> None:
         ({"width": 320, "height": 240}, Reason.TOO_SMALL, "320x240; at least 512 pixels"),
         ({"faces": ()}, Reason.NO_FACE, "No face was found"),
         (
-            {"faces": (FaceBox(0, 0, 150, 150), FaceBox(400, 0, 140, 140))},
+            {"faces": (face(0, 0, 150, 150), face(400, 0, 140, 140))},
             Reason.MANY_FACES,
             "shows 2 faces; upload photos with only the person",
         ),
-        ({"faces": (FaceBox(10, 10, 50, 50),)}, Reason.SMALL_FACE, "face is too small"),
+        ({"faces": (face(10, 10, 50, 50),)}, Reason.SMALL_FACE, "face is too small"),
+        ({"analysis_error": uploads.UNPROCESSABLE}, Reason.UNPROCESSABLE, "could not be processed"),
+    ] + [
+        ({"faces": (face(300, 180, 150, 150, quality),)}, code, words)
+        for quality, code, words in [
+            (FaceQuality(3, 130, 0, 0.05, 0), Reason.BLURRY, "blurry; upload a sharp photo"),
+            (FaceQuality(200, 20, 0, 0.05, 0), Reason.TOO_DARK, "better light"),
+            (FaceQuality(200, 240, 0.6, 0.05, 0), Reason.OVEREXPOSED, "washed out"),
+            (FaceQuality(200, 130, 0, 0.8, 0), Reason.PROFILE, "both eyes are visible"),
+            (FaceQuality(200, 130, 0, 0.05, 0.3), Reason.FACE_CUT_OFF, "the whole face"),
+        ]
     ],
 )
 def test_each_rejection_says_why(overrides: dict[str, object], code: str, words: str) -> None:
@@ -68,7 +87,7 @@ def test_each_rejection_says_why(overrides: dict[str, object], code: str, words:
 
 
 def test_small_background_detection_is_not_a_second_person() -> None:
-    crowd = (FaceBox(300, 180, 150, 150), FaceBox(20, 20, 40, 40))
+    crowd = (face(300, 180, 150, 150), face(20, 20, 40, 40))
     assert uploads.judge(facts(faces=crowd), {}, POLICY).accepted
 
 
@@ -151,7 +170,7 @@ def test_heic_from_a_phone_is_decoded_and_accepted() -> None:
 
 def test_exif_orientation_is_applied_before_judging() -> None:
     found = uploads.analyse(photos.with_exif_rotation(photos.portrait(2)), POLICY)
-    assert (found.width, found.height) == photos.PHOTO_SIZE  # stored 640x768, shown 768x640
+    assert (found.width, found.height) == photos.PHOTO_SIZE  # stored 960x768, shown 768x960
     assert uploads.judge(found, {}, POLICY).accepted
 
 
@@ -164,7 +183,7 @@ def test_exif_orientation_is_applied_before_judging() -> None:
         (photos.text_as_jpg, Reason.UNREADABLE, "not an image"),
         (lambda: photos.decompression_bomb(10_000, 8_000), Reason.UNREADABLE, "80 megapixels"),
         (photos.decompression_bomb, Reason.UNREADABLE, "cannot be decoded safely"),
-        (lambda: photos.jpeg(photos.too_small()), Reason.TOO_SMALL, "320x267"),
+        (lambda: photos.jpeg(photos.too_small()), Reason.TOO_SMALL, "320x400"),
         (lambda: photos.jpeg(photos.no_face()), Reason.NO_FACE, "No face"),
         (lambda: photos.jpeg(photos.two_people()), Reason.MANY_FACES, "2 faces"),
         (lambda: photos.jpeg(photos.small_face()), Reason.SMALL_FACE, "too small"),
@@ -193,3 +212,22 @@ def test_a_decoder_crash_ends_in_a_verdict(monkeypatch: pytest.MonkeyPatch) -> N
     verdict = judge_bytes(b"\x00\x00\x00\x18ftypheic" + b"\0" * 100)
     assert verdict.code == Reason.UNREADABLE
     assert verdict.reason == uploads.UNPROCESSABLE
+
+
+def test_a_face_analysis_crash_ends_in_a_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*_: object, **__: object) -> None:
+        raise RuntimeError("dlib: something internal\nwith a second line")
+
+    monkeypatch.setattr(uploads.faces, "analyze_faces", explode)
+    verdict = judge_bytes(photos.jpeg(photos.portrait(0)))
+    assert verdict.code == Reason.UNPROCESSABLE
+    assert verdict.reason == uploads.UNPROCESSABLE
+
+
+def test_a_hashing_crash_ends_in_a_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*_: object, **__: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(uploads, "perceptual_hash", explode)
+    verdict = judge_bytes(photos.jpeg(photos.portrait(0)))
+    assert verdict.code == Reason.UNPROCESSABLE

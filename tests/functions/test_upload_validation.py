@@ -36,7 +36,7 @@ def test_a_batch_of_good_and_bad_photos(db: Any, bucket: Any, owner: str, actor_
         ("IMG_0002.heic", photos.heic(photos.portrait(1)), Reason.OK),
         ("IMG_0003.png", photos.with_exif_rotation(photos.portrait(2)), Reason.OK),
         ("IMG_0004.jpg", first, Reason.DUPLICATE),
-        ("IMG_0005.jpg", photos.jpeg(photos.portrait(1).resize((700, 583)), 60),
+        ("IMG_0005.jpg", photos.jpeg(photos.portrait(1).resize((700, 875)), 60),
          Reason.NEAR_DUPLICATE),
         ("cut.jpg", photos.truncated(photos.jpeg(photos.portrait(3))), Reason.UNREADABLE),
         ("empty.jpg", b"", Reason.EMPTY),
@@ -137,7 +137,7 @@ def test_actor_full_rejects_later_photos(db: Any, bucket: Any, owner: str, actor
 def test_the_same_photo_twice_at_once_is_accepted_once(
     db: Any, bucket: Any, owner: str, actor_id: str
 ) -> None:
-    data = photos.jpeg(photos.portrait(6))
+    data = photos.jpeg(photos.portrait(4))
     events = [put(bucket, owner, actor_id, f"copy{i}.jpg", data) for i in range(2)]
     outcomes: list[str] = []
     threads = [
@@ -156,7 +156,7 @@ def test_the_same_photo_twice_at_once_is_accepted_once(
 def test_sweeper_validates_uploads_whose_trigger_was_lost(
     db: Any, bucket: Any, owner: str, actor_id: str
 ) -> None:
-    lost = put(bucket, owner, actor_id, "lost.jpg", photos.jpeg(photos.portrait(7)))
+    lost = put(bucket, owner, actor_id, "lost.jpg", photos.jpeg(photos.portrait(5)))
     foreign = put(bucket, "intruder", actor_id, "x.jpg", photos.jpeg(photos.portrait(0)))
     now = datetime.now(UTC)
     # Too recent: its trigger may still be running.
@@ -188,3 +188,56 @@ def test_many_photos_at_once_are_all_judged(
     assert outcomes == [Outcome.ACCEPTED] * 6
     actor = db.collection(schema.ACTORS).document(actor_id).get().to_dict()
     assert len(actor[Field.IMAGES]) == 6 and actor[Field.ACCEPTED_IMAGE_COUNT] == 6
+
+
+def _validate_at_once(events: list[UploadEvent], db: Any, bucket: Any) -> list[str]:
+    outcomes: list[str] = []
+    threads = [
+        threading.Thread(target=lambda e=e: outcomes.append(validate(e, db, bucket)))
+        for e in events
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def test_a_different_person_arriving_at_the_same_moment_is_rejected(
+    db: Any, bucket: Any, owner: str, actor_id: str
+) -> None:
+    # The stranger's photo is uploaded first and all four are judged at once: who the
+    # person is comes from the faces, not from who was first.
+    uploads_ = {"stranger.jpg": photos.jpeg(photos.other_person(0))}
+    uploads_.update({f"me{i}.jpg": photos.jpeg(photos.portrait(i)) for i in range(3)})
+    events = {name: put(bucket, owner, actor_id, name, data) for name, data in uploads_.items()}
+    _validate_at_once(list(events.values()), db, bucket)
+    codes = {n: record_of(db, actor_id, e)[ImageField.REASON_CODE] for n, e in events.items()}
+    assert codes == {"stranger.jpg": Reason.DIFFERENT_PERSON, "me0.jpg": Reason.OK,
+                     "me1.jpg": Reason.OK, "me2.jpg": Reason.OK}
+    stranger = record_of(db, actor_id, events["stranger.jpg"])
+    assert stranger[ImageField.IDENTITY_DISTANCE] > 0.6
+    assert "different person from your other photos" in stranger[ImageField.REASON]
+    actor = db.collection(schema.ACTORS).document(actor_id).get().to_dict()
+    assert actor[Field.ACCEPTED_IMAGE_COUNT] == 3
+    # Each accepted record carries the face for the trainer and intake.
+    me0 = record_of(db, actor_id, events["me0.jpg"])
+    assert len(me0[ImageField.EMBEDDING]) == 128 and len(me0[ImageField.LANDMARKS]) == 5
+
+
+def test_deleting_a_photo_judges_the_rest_again(
+    db: Any, bucket: Any, owner: str, actor_id: str
+) -> None:
+    stranger = put(bucket, owner, actor_id, "stranger.jpg", photos.jpeg(photos.other_person(0)))
+    me0 = put(bucket, owner, actor_id, "me0.jpg", photos.jpeg(photos.portrait(0)))
+    me1 = put(bucket, owner, actor_id, "me1.jpg", photos.jpeg(photos.portrait(1)))
+    for event in (stranger, me0):
+        assert validate(event, db, bucket) == Outcome.ACCEPTED  # one each: undecided
+    assert validate(me1, db, bucket) == Outcome.ACCEPTED
+    # me1 made a group of two: the stranger's earlier verdict changed in that transaction.
+    assert record_of(db, actor_id, stranger)[ImageField.REASON_CODE] == Reason.DIFFERENT_PERSON
+    bucket.blob(me1.name).delete()
+    assert uploads.handle_deleted(me1, SETTINGS, db=db, bucket=bucket) == Outcome.REMOVED
+    assert record_of(db, actor_id, stranger)[ImageField.STATUS] == ImageStatus.ACCEPTED
+    actor = db.collection(schema.ACTORS).document(actor_id).get().to_dict()
+    assert actor[Field.ACCEPTED_IMAGE_COUNT] == 2
