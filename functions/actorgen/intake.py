@@ -271,7 +271,7 @@ def process_job(
             update[Field.FINISHED_AT] = when
         transaction.update(job_ref, update)
         if actor_ref is not None and actor is not None and review.may_update_actor:
-            has_model = bool(actor.get(Field.MODEL_ID) or actor.get(Field.MODEL_VERSIONS))
+            has_model = schema.actor_has_model(actor)
             transaction.update(
                 actor_ref,
                 {

@@ -87,7 +87,7 @@ def actor_update_for(
     latest = actor.get(Field.LATEST_JOB_ID)
     if latest not in (None, job_id):
         return None
-    has_model = bool(actor.get(Field.MODEL_ID) or actor.get(Field.MODEL_VERSIONS))
+    has_model = schema.actor_has_model(actor)
     update: dict[str, Any] = {
         Field.MODEL_STATUS: schema.model_status_for_job(status, actor_has_model=has_model),
         Field.MODEL_ERROR: (

@@ -257,6 +257,11 @@ _MODEL_STATUS_FOR_JOB: Final = {
 }
 
 
+def actor_has_model(actor: Mapping[str, Any]) -> bool:
+    """Whether the actor has a trained model (the app's ``modelId`` or any model version)."""
+    return bool(actor.get(Field.MODEL_ID) or actor.get(Field.MODEL_VERSIONS))
+
+
 def model_status_for_job(job_status: str, *, actor_has_model: bool = False) -> str:
     """The actor's ``modelStatus`` while its latest job is in ``job_status``.
 

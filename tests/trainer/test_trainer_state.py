@@ -240,3 +240,18 @@ def test_only_problems_a_retry_cannot_fix_are_permanent() -> None:
     assert is_permanent(OSError(28, "No space left on device"))
     assert not is_permanent(ConnectionError("reset by peer"))
     assert not is_permanent(RuntimeError("CUDA error: an illegal memory access"))
+
+
+def test_cancel_keeps_an_actor_with_model_versions_ready(emulators: Any, db: Any, bucket: Any,
+                                                         tmp_path: Path) -> None:
+    """The trainer and the functions agree on "has a model": modelId or modelVersions."""
+    job = seed_job(db, bucket, tmp_path, images=1)
+    versions = [{schema.ModelVersionField.VERSION: 1, schema.ModelVersionField.MODEL_ID: "old"}]
+    db.collection(schema.ACTORS).document(job.actor_id).update({F.MODEL_VERSIONS: versions})
+    actor = job.actor(db)
+    assert actor is not None and schema.actor_has_model(actor)
+    reporter = JobReporter(db, job.job_id, 1)
+    reporter.start()
+    assert reporter.finish_cancelled()
+    assert job.job(db)[F.STATUS] == S.CANCELLED
+    assert job.actor(db)[F.MODEL_STATUS] == schema.ModelStatus.READY  # type: ignore[index]

@@ -375,7 +375,7 @@ class JobReporter:
                 **charged,
             })
             if actor is not None and actor_ref is not None and self._owns_actor(actor):
-                has_model = bool(actor.get(F.MODEL_ID))
+                has_model = schema.actor_has_model(actor)
                 transaction.update(actor_ref, {
                     F.MODEL_STATUS: schema.model_status_for_job(status, actor_has_model=has_model),
                     F.MODEL_ERROR: message,
