@@ -113,3 +113,27 @@ def test_pure_bf16_trains_without_autocast(base_name: str, face_pixels: torch.Te
     result = trainer.run(40, report_every_seconds=1e9, progress_bar=False)
     assert all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
     assert trainer.fixed_noise_loss() < before
+
+
+def test_final_loss_is_the_mean_of_the_last_steps_whatever_the_report_windows(
+        tiny_sd: Path, face_pixels: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(training, "FINAL_LOSS_STEPS", 5, raising=False)
+    every_step = _trainer(tiny_sd, face_pixels, max_train_steps=12)
+    reported = every_step.run(12, report_every_seconds=0.0, progress_bar=False)
+    per_step = [loss for _, loss in reported.losses]  # one report per step
+    assert len(per_step) == 12
+    expected = sum(per_step[-5:]) / 5
+    assert reported.final_loss == pytest.approx(expected, rel=1e-5)
+
+    # One report window over the whole run, and a run resumed from a checkpoint at
+    # step 10 (inside the final steps): the same run, the same figure.
+    one_window = _trainer(tiny_sd, face_pixels, max_train_steps=12)
+    assert one_window.run(12, report_every_seconds=1e9, progress_bar=False).final_loss == (
+        pytest.approx(expected, rel=1e-5))
+    first = _trainer(tiny_sd, face_pixels, max_train_steps=12)
+    first.run(10, report_every_seconds=1e9, progress_bar=False)
+    resumed = _trainer(tiny_sd, face_pixels, max_train_steps=12)
+    resumed.load_trainable_state(first.trainable_state())
+    resumed.load_training_state(first.training_state())
+    assert resumed.run(12, report_every_seconds=1e9, progress_bar=False).final_loss == (
+        pytest.approx(expected, rel=1e-5))

@@ -260,15 +260,11 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
         with timer.phase(Phase.CHECKPOINTS):
             store.save(step, trainer.trainable_state(), trainer.training_state(), meta)
 
-    def report(progress: Any) -> None:
-        meta["lastLoss"] = progress.loss  # kept in checkpoints for the final metrics
-        reporter.progress(progress)
-
     with timer.phase(Phase.STEPS):
         loop = trainer.run(
             total,
             report_every_seconds=config.report_every_seconds,
-            on_report=report,
+            on_report=reporter.progress,
             checkpoint_every=config.checkpoint_every,
             on_checkpoint=save_checkpoint,
             should_stop=stop,
@@ -282,7 +278,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
                                         F.PROGRESS: 99, F.ETA_SECONDS: None})
     with timer.phase(Phase.EXPORT), reporter.keepalive(S.UPLOADING, beat):
         eval_end = trainer.fixed_noise_loss(seed=config.seed)
-        final_loss = loop.losses[-1][1] if loop.losses else meta.get("lastLoss")
+        final_loss = loop.final_loss  # a fixed number of final steps, checkpoints included
         metrics: dict[str, Any] = {
             "finalLoss": final_loss,
             "evalLossStart": meta.get("evalLossStart"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,11 @@ class Progress:
     elapsed_seconds: float
 
 
+#: ``metrics.finalLoss`` is the mean loss of this many final steps: a fixed number of
+#: steps, not the last report window (whose length depends on the wall clock).
+FINAL_LOSS_STEPS = 50
+
+
 @dataclass
 class LoopResult:
     steps: int
@@ -71,6 +77,8 @@ class LoopResult:
     #: How much longer the first step took than the later ones on average (with
     #: torch.compile: the compilation), 0 for runs of one step.
     first_step_overhead_seconds: float = 0.0
+    #: Mean training loss of the last FINAL_LOSS_STEPS steps (``metrics.finalLoss``).
+    final_loss: float | None = None
 
 
 class LoraTrainer:
@@ -112,6 +120,8 @@ class LoraTrainer:
         self.unet = self.model.unet
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.step = 0
+        #: Per-step losses (device tensors: no host sync) of the last FINAL_LOSS_STEPS steps.
+        self.recent_losses: deque[torch.Tensor] = deque(maxlen=FINAL_LOSS_STEPS)
         self.prediction_type = model.info.prediction_type
         self.samples_per_step = config.train_batch_size * (2 if data.class_latents else 1)
         sched = model.noise_scheduler
@@ -299,6 +309,8 @@ class LoraTrainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "generator": self.generator.get_state(),
+            # So a resumed run reports the same final loss as one that ran straight.
+            "recent_losses": [float(loss) for loss in self.recent_losses],
         })
 
     def load_training_state(self, state: dict[str, Any]) -> None:
@@ -308,6 +320,15 @@ class LoraTrainer:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"].cpu())
         self.step = int(state["step"])
+        self.recent_losses.clear()  # none in checkpoints made before they were kept
+        self.recent_losses.extend(torch.tensor(loss, device=self.device)
+                                  for loss in state.get("recent_losses", ()))
+
+    def final_loss(self) -> float | None:
+        """Mean loss of the last :data:`FINAL_LOSS_STEPS` steps (None before any step)."""
+        if not self.recent_losses:
+            return None
+        return float(torch.stack(list(self.recent_losses)).float().mean())
 
     # ------------------------------------------------------------------- loop
     def run(
@@ -342,7 +363,9 @@ class LoraTrainer:
                    disable=not progress_bar, mininterval=2.0)
         try:
             while self.step < total_steps:
-                loss_sum += self.train_step()
+                step_loss = self.train_step()
+                loss_sum += step_loss
+                self.recent_losses.append(step_loss)
                 if first_step_seconds is None:
                     if self.device.type == "cuda":  # once per run: the step really ended
                         torch.cuda.synchronize(self.device)
@@ -380,6 +403,7 @@ class LoraTrainer:
             bar.close()
         elapsed = time.monotonic() - started
         result.steps = self.step
+        result.final_loss = self.final_loss()
         result.train_seconds = elapsed
         if self.step > start_step and elapsed > 0:
             result.samples_per_second = (self.step - start_step) * self.samples_per_step / elapsed
