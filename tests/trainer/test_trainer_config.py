@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from pathlib import Path
 
@@ -138,3 +139,43 @@ def test_the_scheduling_priority_is_not_a_training_setting(priority: object) -> 
     # An admin sets priority in the console; whatever it holds, the training is the same.
     config = cfg.TrainConfig.from_job("j1", 1, _job(**{F.PRIORITY: priority}))
     assert config == cfg.TrainConfig.from_job("j1", 1, _job())
+
+
+def _other_value(value: object) -> object:
+    """A different valid value of the same kind."""
+    if value in cfg.MIXED_PRECISION_CHOICES:
+        return "bf16"
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if value is None:
+        return 7
+    return f"{value} {{instance}}"  # strings (a caption template must keep {instance})
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(cfg.TrainConfig)
+                                  if f.name not in cfg.NOT_TRAINING_FIELDS])
+def test_every_setting_that_changes_training_is_in_the_checkpoint_fingerprint(
+        name: str) -> None:
+    # Built from the fields themselves, so an option added later is covered without a
+    # change here; only the explicit list of fields that do not change training is left out.
+    config = cfg.TrainConfig.from_job("j1", 1, _job())
+    changed = dataclasses.replace(config, **{name: _other_value(getattr(config, name))})
+    assert changed.training_fingerprint() != config.training_fingerprint()
+
+
+@pytest.mark.parametrize("name", ["num_class_images", "prior_loss_weight", "mixed_precision",
+                                  "warmup_steps"])
+def test_settings_once_left_out_of_the_fingerprint_are_in_it(name: str) -> None:
+    config = cfg.TrainConfig.from_job("j1", 1, _job())
+    changed = dataclasses.replace(config, **{name: _other_value(getattr(config, name))})
+    assert changed.training_fingerprint() != config.training_fingerprint()
+
+
+def test_settings_that_do_not_change_training_leave_the_fingerprint_alone() -> None:
+    config = cfg.TrainConfig.from_job("j1", 1, _job())
+    other = cfg.TrainConfig.from_job("j2", 3, _job(), checkpoint_every=7, keep_checkpoints=3,
+                                     report_every_seconds=1.0, num_samples=1,
+                                     compile_unet=True, gradient_checkpointing="on")
+    assert other.training_fingerprint() == config.training_fingerprint()

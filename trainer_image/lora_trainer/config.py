@@ -36,6 +36,18 @@ DEFAULT_FACE_LOSS_WEIGHT: Final = 2.0
 MAX_FACE_LOSS_WEIGHT: Final = 20.0
 
 
+#: TrainConfig fields that cannot change the trained weights: identity, bookkeeping,
+#: the export's samples, and speed-only switches (same maths). Every other field is in
+#: the checkpoint fingerprint, so a new option is covered without touching this; add a
+#: field here only when a checkpoint made under another value resumes to the same model.
+#: (``sample_steps`` and ``guidance_scale`` also make the class images: not listed.)
+NOT_TRAINING_FIELDS: Final = frozenset({
+    "job_id", "attempt", "user_id", "actor_id",
+    "checkpoint_every", "keep_checkpoints", "report_every_seconds", "min_free_disk_bytes",
+    "num_samples", "compile_unet", "gradient_checkpointing",
+})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs, resolved and validated."""
@@ -146,6 +158,12 @@ class TrainConfig:
             F.SEED: self.seed,
             F.CLASS_WORD: self.class_word,
         }
+
+    def training_fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint must share to be resumed: every field that can
+        change training (all but :data:`NOT_TRAINING_FIELDS`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in NOT_TRAINING_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

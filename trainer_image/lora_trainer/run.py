@@ -217,12 +217,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
         keep=config.keep_checkpoints,
     )
     fingerprint = {
-        "base_model_id": config.base_model_id,
-        **{k: v for k, v in config.hyperparameters().items()},
-        "max_train_steps": config.max_train_steps,
-        "caption": config.instance_prompt,
-        "face_loss_weight": config.face_loss_weight,
-        "noise_offset": config.noise_offset,
+        **config.training_fingerprint(),
         # The judged generation too: a replaced photo must not resume an old run.
         "images": [r.path if r.generation is None else f"{r.path}#{r.generation}"
                    for r in refs],
