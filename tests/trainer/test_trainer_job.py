@@ -307,3 +307,19 @@ def test_bad_deployment_trainer_options_fail_the_job_once(
                  "--bucket", emulators.bucket, "--work-dir", str(tmp_path)])
     assert code == EXIT_FAILED
     _assert_failed(db, job, "TRAINER_ARGS", "invalid")
+
+
+def test_a_restart_after_the_completion_commit_removes_the_checkpoints(
+        emulators: Any, db: Any, bucket: Any, tiny_sd: Path, tmp_path: Path) -> None:
+    """Killed between the completion commit and the clean-up: the restart cleans up."""
+    job = seed_job(db, bucket, tiny_sd, images=1, status=S.COMPLETED, attempt=2)
+    left = [schema.checkpoint_prefix(job.job_id, attempt) + f"step-000010/{name}"
+            for attempt in (1, 2) for name in ("lora.safetensors", MARKER)]
+    for name in left:
+        bucket.blob(name).upload_from_string(b"x")
+    options = RunOptions(job_id=job.job_id, attempt=2, project=emulators.project,
+                         bucket=emulators.bucket, work_dir=tmp_path / "work", device="cpu",
+                         push_to_hub=False, progress_bar=False, settings=dict(TOY_SETTINGS))
+    assert run_job(options) == EXIT_OK
+    assert job.job(db)[F.STATUS] == S.COMPLETED
+    assert [b.name for b in bucket.list_blobs(prefix=f"jobs/{job.job_id}/")] == []

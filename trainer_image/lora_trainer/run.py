@@ -120,6 +120,7 @@ def run_job(options: RunOptions) -> int:
     stop = StopFlag()
     stop.install()
     reporter: JobReporter | None = None
+    bucket: Any = None
     try:
         db = clients.firestore_client()
         bucket = clients.storage_bucket(options.bucket or clients.default_bucket_name())
@@ -129,6 +130,9 @@ def run_job(options: RunOptions) -> int:
         return _run(options, reporter, bucket, stop, timer)
     except AlreadyCompleted:
         log.info("job %s is already completed; nothing to do", options.job_id)
+        # A worker killed between the completion commit and its clean-up restarts here.
+        if bucket is not None:
+            delete_checkpoints(bucket, options)
         return EXIT_OK
     except Superseded as why:
         log.warning("stopping without writing: %s", why)
@@ -332,12 +336,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
     log.info("job %s completed: model version %s, %d files under %s", options.job_id,
              version if version is not None else "(recorded by an earlier try)",
              len(artifacts), prefix)
-    # The model is published: the checkpoints (service-only) are no longer needed,
-    # this attempt's nor those of earlier attempts it may have continued from.
-    store.delete_all()
-    for earlier in range(options.attempt - 1, 0, -1):
-        CheckpointStore(bucket, schema.checkpoint_prefix(options.job_id, earlier),
-                        work / f"checkpoints-attempt-{earlier}").delete_all()
+    delete_checkpoints(bucket, options)
     if not options.keep_work_dir:
         shutil.rmtree(work, ignore_errors=True)
     # The completing write cannot hold its own duration: a small update adds it.
@@ -361,6 +360,24 @@ def _copies(bucket: str, prefix: str, push: bool, hub_repo: str | None) -> list[
         where.append("Not pushed to the Hugging Face Hub (the deployment's HF_PUSH_MODELS "
                      "is off)")
     return where
+
+
+def delete_checkpoints(bucket: Any, options: RunOptions) -> None:
+    """Remove the checkpoints (service-only) of a published model. Never raises.
+
+    This attempt's and those of earlier attempts it may have continued from; run
+    after the completion commit, and again by a restarted worker that finds the
+    job completed (killed in between, it would otherwise leave them for good).
+    """
+    from .checkpoints import CheckpointStore
+
+    try:
+        for attempt in range(options.attempt, 0, -1):
+            CheckpointStore(bucket, schema.checkpoint_prefix(options.job_id, attempt),
+                            options.work_dir / options.job_id / f"checkpoints-{attempt}"
+                            ).delete_all()
+    except Exception as err:  # noqa: BLE001 - the model is published; this is tidying
+        log.warning("could not delete the checkpoints of job %s: %s", options.job_id, err)
 
 
 def _resolve_hub_token() -> tuple[str | None, Any]:
