@@ -182,9 +182,24 @@ def test_submit_is_idempotent_and_states_follow_the_process(executor: LocalExecu
     assert executor.find("JobXyZ", 2) is None
     release(executor, first.name)
     assert wait_terminal(executor, first.name).state is ExecutorState.SUCCEEDED
-    assert executor.submit(req("wait")).state is ExecutorState.SUCCEEDED  # still no new process
     log = (executor.workdir / first.name / LOG_FILE).read_text()
     assert log.count('"argv"') == 1
+
+
+@pytest.mark.parametrize("mode", ["exit0", "exit1"])
+def test_a_retried_submit_never_adopts_an_ended_run_of_the_attempt(
+        executor: LocalExecutor, mode: str) -> None:
+    """The attempt's earlier run ended (its trainer found the job re-queued and stopped):
+    submitting the attempt again starts it, instead of adopting a run that would count
+    as "succeeded without completion" or as a failure."""
+    first = executor.submit(req(mode))
+    assert wait_terminal(executor, first.name).state.is_terminal
+    again = executor.submit(req("wait"))
+    assert again.name == first.name and again.state.is_active
+    running = wait_for(executor, again.name, lambda j: j.state is ExecutorState.RUNNING)
+    assert executor.find("JobXyZ", 1) == running
+    release(executor, again.name)
+    assert wait_terminal(executor, again.name).state is ExecutorState.SUCCEEDED
 
 
 def test_concurrent_submits_start_one_process(executor: LocalExecutor) -> None:

@@ -285,6 +285,48 @@ def test_find_pages_and_prefers_a_live_job_among_duplicates(
     assert found is not None and found.name == newest_failed.name  # newest when all ended
 
 
+@pytest.mark.parametrize("ended", ["JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED",
+                                   "JOB_STATE_CANCELLED"])
+def test_a_retried_submit_never_adopts_an_ended_job_of_the_attempt(
+    fake: FakeJobService, executor: VertexExecutor, ended: str
+) -> None:
+    """Lost create answer, list lagging: the first job ran and ended (its trainer found the
+    job re-queued and stopped). The retried submit must start the attempt, not adopt it
+    (a SUCCEEDED one would be counted "succeeded without completion")."""
+    fake.list_lag = 1
+    fake.inject("CreateCustomJob", grpc.StatusCode.UNAVAILABLE, "answer lost", after_commit=True)
+    with pytest.raises(ExecutorError) as err:
+        executor.submit(req())
+    assert err.value.retryable
+    first = next(iter(fake.jobs))
+    fake.set_state(first, ended)
+    fake.list_lag = 0
+
+    job = executor.submit(req())
+    assert job.name != first and job.state is ExecutorState.QUEUED
+    assert len(fake.calls("CreateCustomJob")) == 2
+    assert executor.find("Job_AbC123", 1) == job
+
+
+def test_duplicate_live_jobs_of_an_attempt_are_cut_to_one(
+    fake: FakeJobService, executor: VertexExecutor
+) -> None:
+    """Two live jobs for one attempt (a lost create, then a create while the list lagged):
+    the running one is kept even when a newer one ended, and the other live one is
+    cancelled instead of being left behind on a GPU."""
+    template = executor.build_custom_job(req())
+    running = fake.add_job(template, PARENT)
+    pending = fake.add_job(template, PARENT)
+    succeeded = fake.add_job(template, PARENT)
+    fake.set_state(running.name, "JOB_STATE_RUNNING")
+    fake.set_state(succeeded.name, "JOB_STATE_SUCCEEDED")
+
+    found = executor.submit(req())
+    assert found.name == running.name and found.state is ExecutorState.RUNNING
+    assert fake.calls("CreateCustomJob") == []
+    assert [c.name for c in fake.calls("CancelCustomJob")] == [pending.name]
+
+
 def test_rejected_label_filter_falls_back_to_display_name(
     fake: FakeJobService, executor: VertexExecutor
 ) -> None:

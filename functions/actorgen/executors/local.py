@@ -10,12 +10,15 @@ executor job name. It holds:
   result survives the Functions emulator restarting (the process is detached);
 - ``cancelled``: a marker written by :meth:`LocalExecutor.cancel`.
 
-The folder is created with ``os.mkdir``, which is atomic: of two concurrent
-submits of one attempt exactly one starts a process.
+The folder is created under an exclusive file lock: of two concurrent submits of
+one attempt exactly one starts a process. A submit never adopts an attempt's run
+that already ended: that folder is moved aside (``<name>.ended-<ns>``) and the
+attempt starts afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +94,19 @@ _WRAPPER = (
 )
 
 
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (between threads and processes)."""
+    import fcntl
+
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def job_dir_name(job_id: str, attempt: int) -> str:
     """The executor job name of an attempt: label-safe, one per (job, attempt)."""
     return f"{schema.job_label_value(job_id)}-a{attempt}"
@@ -118,15 +135,22 @@ class LocalExecutor:
         folder = self.workdir / name
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            os.mkdir(folder)  # atomic: the one submit that creates it starts the process
-        except FileExistsError:
-            log.info(
-                "job %s attempt %d already started locally as %s",
-                request.job_id,
-                request.attempt,
-                name,
-            )
-            return self.get(name)
+            with _exclusive(self.workdir / f".{name}.lock"):
+                if folder.is_dir():
+                    existing = self.get(name)
+                    if existing.state.is_active:
+                        log.info("job %s attempt %d already started locally as %s",
+                                 request.job_id, request.attempt, name)
+                        return existing
+                    # An ended run of this attempt number (its trainer stopped, e.g. the
+                    # job was re-queued after a failed submit) is not this submission's:
+                    # adopting it would waste the attempt. Keep it aside, start afresh.
+                    aside = self.workdir / f"{name}.ended-{time.time_ns()}"
+                    log.info("job %s attempt %d: local run %s already ended (%s); starting "
+                             "a new one", request.job_id, request.attempt, name,
+                             existing.raw_state)
+                    folder.rename(aside)
+                os.mkdir(folder)  # the one submit that creates it starts the process
         except OSError as exc:
             raise ExecutorError(
                 f"cannot create the local executor folder {folder}: {exc}; check local_workdir",

@@ -145,7 +145,12 @@ class VertexExecutor:
 
     # ------------------------------------------------------------------ API
     def find(self, job_id: str, attempt: int) -> ExecutorJob | None:
-        """The newest CustomJob labelled with this attempt (a live or succeeded one first)."""
+        """The CustomJob of this attempt: the live one, else the newest that ended.
+
+        An attempt has at most one live job: when a lost create answer and a retried
+        submit made two, the one that got furthest (running, then the oldest) is kept
+        and the others are cancelled, so none is left behind on a GPU.
+        """
         jobs = self._list_attempt_jobs(job_id, attempt)
         if not jobs:
             return None
@@ -160,10 +165,17 @@ class VertexExecutor:
                 attempt,
                 [v.name for v in views],
             )
-        for view in views:
-            if view.state.is_active or view.state is ExecutorState.SUCCEEDED:
-                return view
-        return views[0]
+        live = [v for v in views if v.state.is_active]
+        if not live:
+            return views[0]
+        running = [v for v in live if v.state is ExecutorState.RUNNING]
+        keep = (running or live)[-1]  # newest first: the oldest running (else queued) one
+        for extra in live:
+            if extra.name != keep.name:
+                log.warning("job %s attempt %d: cancelling duplicate Vertex job %s (keeping %s)",
+                            job_id, attempt, extra.name, keep.name)
+                self.cancel(extra.name)
+        return keep
 
     def submit(self, request: SubmitRequest) -> ExecutorJob:
         """Create the CustomJob for this attempt unless one already exists."""
@@ -175,6 +187,14 @@ class VertexExecutor:
         custom_job = self.build_custom_job(request)
         with _submit_lock(self.settings.parent, request.job_id, request.attempt):
             existing = self.find(request.job_id, request.attempt)
+            if existing is not None and not existing.state.is_active:
+                # An ended job of this attempt number (its trainer stopped, e.g. the job
+                # was re-queued after a lost create answer) is not this submission's:
+                # adopting it would waste the attempt. Start the attempt afresh.
+                log.info("job %s attempt %d: Vertex job %s already ended (%s); creating a "
+                         "new one", request.job_id, request.attempt, existing.name,
+                         existing.raw_state)
+                existing = None
             if existing is not None:
                 log.info(
                     "job %s attempt %d already on Vertex as %s",
@@ -221,11 +241,13 @@ class VertexExecutor:
         return job
 
     def _find_after_error(self, request: SubmitRequest) -> ExecutorJob | None:
+        """The job a failed create may have made (live); None when it cannot be seen."""
         try:
-            return self.find(request.job_id, request.attempt)
+            found = self.find(request.job_id, request.attempt)
         except ExecutorError as exc:
             log.warning("lookup after a failed create failed too: %s", exc)
             return None
+        return found if found is not None and found.state.is_active else None
 
     def get(self, name: str) -> ExecutorJob:
         """The CustomJob's state; ExecutorNotFound when it does not exist."""
