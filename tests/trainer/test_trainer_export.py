@@ -68,6 +68,10 @@ def test_both_formats_load_with_load_lora_weights_and_match(
     fresh.load_lora_weights(str(tmp_path), weight_name=diffusers_file.name)
     torch.testing.assert_close(_unet_output(fresh, prompt), trained, rtol=1e-4, atol=1e-5)
 
+    if text_encoder:
+        with safe_open(str(kohya_file), "pt") as f:
+            prefixes = {k.split("_text_model")[0] for k in f.keys() if "_text_model" in k}
+        assert prefixes == ({"lora_te1", "lora_te2"} if fixture == "tiny_sdxl" else {"lora_te"})
     kohya = DiffusionPipeline.from_pretrained(base)
     kohya.load_lora_weights(str(tmp_path), weight_name=kohya_file.name)
     # fp16 weights in the kohya file: equal up to half precision.
@@ -87,7 +91,10 @@ def test_kohya_file_carries_the_real_alpha_and_webui_names(
     assert alphas == {16.0}
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.")
                for k in keys)
-    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
+    # kohya-ss names SD 1.x/2.x text-encoder modules lora_te_ (lora_te1_/lora_te2_ is SDXL's
+    # pair); A1111 maps only lora_te_ onto an SD 2 text encoder.
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
+    assert not any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys)
     assert any(k.endswith("to_out_0.lora_up.weight") for k in keys)
     assert meta["ss_network_alpha"] == "16" and meta["ss_network_dim"] == "4"
 
@@ -110,3 +117,38 @@ def test_samples_card_and_config(tiny_sd: Path, face_pixels: torch.Tensor, tmp_p
     assert parsed["config"]["lora_rank"] == config.lora_rank
     assert parsed["hyperparameters"][schema.Field.LEARNING_RATE] == config.learning_rate
     assert parsed["versions"]["diffusers"]
+
+
+def _info(kind: str, prediction_type: str = "epsilon", cross: int = 768) -> models.BaseModelInfo:
+    return models.BaseModelInfo(model_id="m", kind=kind, pipeline_class="P",
+                                prediction_type=prediction_type, native_resolution=512,
+                                vae_scale_factor=8, cross_attention_dim=cross)
+
+
+@pytest.mark.parametrize(("info", "version", "v2", "v_pred"), [
+    (_info(models.SD), "sd_v1", "False", "False"),
+    (_info(models.SD, cross=1024), "sd_v2", "True", "False"),  # SD 2.x base, 512 px
+    (_info(models.SD, "v_prediction", cross=1024), "sd_v2_v", "True", "True"),  # SD 2.x 768
+    (_info(models.SDXL, cross=2048), "sdxl_base_v1-0", "False", "False"),
+], ids=["sd1", "sd2-base", "sd2-v", "sdxl"])
+def test_kohya_metadata_names_the_model_version_as_kohya_does(
+        info: models.BaseModelInfo, version: str, v2: str, v_pred: str) -> None:
+    """AUTOMATIC1111 files a LoRA under SD 2 only when ss_v2 is "True" (else it hides it
+    on SD 2 checkpoints); kohya-ss writes ss_base_model_version sd_v1 / sd_v2[_v]."""
+    config = TrainConfig(job_id="j", attempt=1, user_id="u", actor_id="a", instance_name="sks",
+                         base_model_id="m")
+    meta = export.kohya_metadata(info, config)
+    assert meta["ss_base_model_version"] == version
+    assert meta["ss_v2"] == v2 and meta["ss_v_parameterization"] == v_pred
+
+
+def test_an_sd2_base_model_is_recognised_by_its_text_width(tiny_sd: Path, tmp_path: Path) -> None:
+    import shutil
+
+    assert not models.inspect_base_model(str(tiny_sd)).is_sd2
+    sd2 = tmp_path / "sd2"  # the tiny model's config files, widened like SD 2.x's
+    shutil.copytree(tiny_sd, sd2, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    unet_config = json.loads((sd2 / "unet" / "config.json").read_text())
+    unet_config["cross_attention_dim"] = models.SD2_CROSS_ATTENTION_DIM
+    (sd2 / "unet" / "config.json").write_text(json.dumps(unet_config))
+    assert models.inspect_base_model(str(sd2)).is_sd2

@@ -17,11 +17,11 @@ from actorgen import schema
 
 from .config import TrainConfig
 from .encode import restore_encoders
-from .models import SDXL, LoadedModel, lora_modules
+from .models import SDXL, BaseModelInfo, LoadedModel, lora_modules
 
 log = logging.getLogger(__name__)
 A = schema.ArtifactName
-KOHYA_BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+SDXL_KOHYA_BASE_VERSION = "sdxl_base_v1-0"
 
 
 def _peft_state(module: Any) -> dict[str, torch.Tensor]:
@@ -59,7 +59,8 @@ def save_diffusers_lora(model: LoadedModel, config: TrainConfig, out_dir: Path) 
 
 
 def kohya_state_dict(model: LoadedModel, config: TrainConfig) -> dict[str, torch.Tensor]:
-    """The LoRA in kohya-ss naming (``lora_unet_...``, ``lora_te1_...``) as A1111/ComfyUI read it.
+    """The LoRA in kohya-ss naming (``lora_unet_...``, ``lora_te_...``; SDXL: ``lora_te1_``/``lora_te2_``)
+    as A1111/ComfyUI read it.
 
     diffusers' converter writes ``alpha = rank`` for every module; the real
     alpha is written instead, or the LoRA would load at the wrong strength.
@@ -70,6 +71,11 @@ def kohya_state_dict(model: LoadedModel, config: TrainConfig) -> dict[str, torch
     for name, module in lora_modules(model, config).items():
         peft.update({f"{name}.{k}": v for k, v in _peft_state(module).items()})
     kohya = convert_state_dict_to_kohya(peft)
+    if model.kind != SDXL:
+        # diffusers names the one text encoder lora_te1_ (SDXL's first of two); kohya-ss
+        # and A1111 name SD 1.x/2.x's lora_te_, and A1111 maps only that onto SD 2.
+        kohya = {("lora_te_" + key[len("lora_te1_"):] if key.startswith("lora_te1_") else key):
+                 value for key, value in kohya.items()}
     alpha = torch.tensor(float(config.lora_alpha))
     return {
         key: (alpha.clone() if key.endswith(".alpha") else value.to(torch.float16)).contiguous()
@@ -81,19 +87,36 @@ def save_kohya_lora(model: LoadedModel, config: TrainConfig, out_dir: Path) -> P
     from safetensors.torch import save_file
 
     path = out_dir / A.LORA_KOHYA
-    metadata = {
+    save_file(kohya_state_dict(model, config), str(path),
+              metadata=kohya_metadata(model.info, config))
+    return path
+
+
+def kohya_metadata(info: BaseModelInfo, config: TrainConfig) -> dict[str, str]:
+    """The ``ss_*`` metadata of the kohya file, as kohya-ss's train_network writes it.
+
+    AUTOMATIC1111 files a LoRA as SD 2 only when ``ss_v2`` is "True" (and as SDXL
+    when ``ss_base_model_version`` starts with "sdxl_"); a mislabelled one is hidden
+    on the checkpoints it belongs to.
+    """
+    v_pred = info.prediction_type == "v_prediction"
+    if info.kind == SDXL:
+        version = SDXL_KOHYA_BASE_VERSION
+    else:  # kohya-ss: sd_v1 / sd_v2, "_v" added for v-prediction
+        version = ("sd_v2" if info.is_sd2 else "sd_v1") + ("_v" if v_pred else "")
+    return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.lora_rank),
         "ss_network_alpha": str(config.lora_alpha),
-        "ss_base_model_version": KOHYA_BASE_VERSION[model.kind],
+        "ss_base_model_version": version,
+        "ss_v2": str(info.is_sd2),
+        "ss_v_parameterization": str(v_pred),
         "ss_sd_model_name": config.base_model_id,
         "ss_output_name": config.instance_name,
         "ss_tag_frequency": json.dumps({config.instance_name: {config.trigger: 1}}),
-        "ss_resolution": str(config.resolution or model.info.native_resolution),
+        "ss_resolution": str(config.resolution or info.native_resolution),
         "ss_training_comment": f"trigger words: {config.trigger}",
     }
-    save_file(kohya_state_dict(model, config), str(path), metadata=metadata)
-    return path
 
 
 @torch.no_grad()

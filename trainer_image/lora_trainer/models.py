@@ -29,6 +29,7 @@ SUPPORTED_PIPELINES: Final = {
     "StableDiffusionXLPipeline": SDXL,
 }
 PREDICTION_TYPES: Final = ("epsilon", "v_prediction")
+SD2_CROSS_ATTENTION_DIM: Final = 1024
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,14 @@ class BaseModelInfo:
     prediction_type: str
     native_resolution: int
     vae_scale_factor: int
+    #: Width of the text embedding the UNet attends to: 768 for SD 1.x (CLIP ViT-L),
+    #: 1024 for SD 2.x (OpenCLIP ViT-H); 0 when unknown.
+    cross_attention_dim: int = 0
+
+    @property
+    def is_sd2(self) -> bool:
+        """An SD 2.x model: its LoRAs do not fit SD 1.x (and A1111 tells them apart)."""
+        return self.kind == SD and self.cross_attention_dim == SD2_CROSS_ATTENTION_DIM
 
 
 @dataclass
@@ -152,7 +161,15 @@ def inspect_base_model(model_id: str, token: str | None = None) -> BaseModelInfo
         prediction_type=prediction_type,
         native_resolution=native,
         vae_scale_factor=vae_scale,
+        cross_attention_dim=_cross_attention_dim(unet_config),
     )
+
+
+def _cross_attention_dim(unet_config: Any) -> int:
+    value = unet_config.get("cross_attention_dim")
+    if isinstance(value, (list, tuple)):  # per block in some configs: all the same here
+        value = value[0] if value else 0
+    return int(value or 0)
 
 
 def load_base_model(config: TrainConfig, device: torch.device | None = None,
@@ -215,6 +232,7 @@ def info_from_pipeline(pipeline: Any, model_id: str = "<in memory>") -> BaseMode
         prediction_type=pipeline.scheduler.config.get("prediction_type", "epsilon"),
         native_resolution=int(unet_config.sample_size) * vae_scale,
         vae_scale_factor=vae_scale,
+        cross_attention_dim=_cross_attention_dim(unet_config),
     )
 
 
