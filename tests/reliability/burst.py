@@ -13,12 +13,14 @@ Command line (starts its own Firestore emulator; figures as JSON on stdout)::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ if str(REPO_ROOT / "functions") not in sys.path:  # run as a module, outside pyt
 
 from actorgen import schema  # noqa: E402
 from actorgen.config import Settings  # noqa: E402
+from actorgen.executors import ExecutorState  # noqa: E402
 from actorgen.schema import Field, JobStatus  # noqa: E402
 
 from tests.reliability.folder_executor import FolderExecutor  # noqa: E402
@@ -146,6 +149,228 @@ def overlapping_passes(
         "executor_creates": books["creates"],
         "peak_active_per_job": books["peak_active_per_job"],
         "median_working_pass_seconds": sorted(working)[len(working) // 2],
+    }
+
+
+# ------------------------------------------------------------------ the whole burst
+@dataclass(frozen=True)
+class BurstProfile:
+    """How big a burst is: ``ci`` fits .ci/run; ``heavy`` (ACTORGEN_PROOF_PROFILE=heavy)."""
+
+    name: str
+    jobs: int
+    users: int
+    dispatchers: int
+    reconcilers: int
+    max_running_jobs: int
+    max_running_jobs_per_user: int
+    #: Share of attempts whose executor job fails (the rest complete).
+    failure_share: float
+    time_limit: float
+    #: SIGKILL one dispatcher process once a third of the jobs ended, and start another:
+    #: its leases (job and pass) must expire and be re-driven. A pass lease left by the
+    #: killed pass holds the others off for up to dispatch.PASS_LEASE_SECONDS.
+    kill_a_dispatcher: bool = False
+
+
+PROFILES = {
+    "ci": BurstProfile("ci", jobs=60, users=20, dispatchers=3, reconcilers=2,
+                       max_running_jobs=12, max_running_jobs_per_user=1, failure_share=0.3,
+                       time_limit=150.0),
+    "heavy": BurstProfile("heavy", jobs=300, users=60, dispatchers=6, reconcilers=3,
+                          max_running_jobs=40, max_running_jobs_per_user=2,
+                          failure_share=0.3, time_limit=540.0, kill_a_dispatcher=True),
+}
+
+
+def burst_settings(profile: BurstProfile) -> Settings:
+    return Settings(
+        executor_kind="local",
+        max_running_jobs=profile.max_running_jobs,
+        max_running_jobs_per_user=profile.max_running_jobs_per_user,
+        max_attempts=3,
+        backoff_base_seconds=1,
+        backoff_max_seconds=2,
+        dispatch_lease_seconds=5,  # a killed pass's job lease is re-driven within the run
+    )
+
+
+def _loop(kind: str, root: str, settings: Settings, stop: Any, results: Any) -> None:
+    """A dispatcher or a reconciler process: passes back to back until told to stop."""
+    from actorgen import clients, dispatch, reconcile
+
+    db = clients.firestore_client()
+    executor = FolderExecutor(root)
+    passes: list[dict[str, Any]] = []
+    while not stop.is_set():
+        started = time.monotonic()
+        if kind == "dispatch":
+            report = dispatch.run_dispatch_pass(settings, db=db, executor=executor)
+            passes.append({"seconds": time.monotonic() - started,
+                           "submitted": len(report.submitted), "skipped": report.skipped,
+                           "lost_claims": len(report.lost_claims),
+                           "errors": len(report.errors), "cut_off": report.cut_off})
+        else:
+            report = reconcile.run_reconcile_pass(settings, db=db, executor=executor,
+                                                  now=datetime.now(UTC))
+            passes.append({"seconds": time.monotonic() - started,
+                           "reconciled": len(report.reconciled), "errors": len(report.errors)})
+        stop.wait(0.05)
+    results.put({"kind": kind, "passes": passes})
+
+
+def _outcome(job_id: str, attempt: int, share: float) -> str:
+    """Whether this attempt fails (stable: the same burst fails the same attempts)."""
+    digest = hashlib.sha256(f"{job_id}/{attempt}".encode()).digest()
+    return "fail" if digest[0] / 256 < share else "complete"
+
+
+def _complete(db: Any, job_id: str, name: str) -> bool:
+    """What the trainer does at the end: ``completed`` in a transaction, if still its job."""
+    from actorgen.txn import run_in_transaction
+
+    ref = db.collection(schema.TRAINING_JOBS).document(job_id)
+
+    def write(transaction: Any) -> bool:
+        job = ref.get(transaction=transaction).to_dict() or {}
+        if job.get(Field.EXECUTOR_JOB_NAME) != name or not schema.can_transition(
+            job.get(Field.STATUS), JobStatus.COMPLETED
+        ):
+            return False
+        now = datetime.now(UTC)
+        transaction.update(ref, {**schema.status_fields(job, JobStatus.COMPLETED, now),
+                                 Field.FINISHED_AT: now, Field.PROGRESS: 100,
+                                 Field.TRAINED_MODEL_ID: job_id})
+        return True
+
+    return run_in_transaction(db, write)
+
+
+def run_burst(db: Any, root: Path, profile: BurstProfile) -> dict[str, Any]:
+    """Seed the burst, run dispatchers and reconcilers in processes and the trainers'
+    endings here, until every job has ended (or the time limit); check and measure."""
+    settings = burst_settings(profile)
+    ids = seed_queued_jobs(db, profile.jobs, profile.users, prefix=f"b{profile.name}")
+    executor = FolderExecutor(root)
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    results = context.Queue()
+    procs = [context.Process(target=_loop, args=("dispatch", str(root), settings, stop, results))
+             for _ in range(profile.dispatchers)]
+    procs += [context.Process(target=_loop, args=("reconcile", str(root), settings, stop,
+                                                  results))
+              for _ in range(profile.reconcilers)]
+    started = time.monotonic()
+    for proc in procs:
+        proc.start()
+    endings = Counter()
+    final = set(schema.FINAL_JOB_STATUSES) | {JobStatus.FAILED}
+    finished_at = None
+    killed = 0
+    try:
+        while time.monotonic() - started < profile.time_limit:
+            for ex in executor.active():
+                job = db.collection(schema.TRAINING_JOBS).document(ex["job_id"]).get()
+                data = job.to_dict() or {}
+                if data.get(Field.EXECUTOR_JOB_NAME) != ex["name"]:
+                    continue  # not recorded yet: the trainer starts once it is
+                if _outcome(ex["job_id"], ex["attempt"], profile.failure_share) == "fail":
+                    executor.set_state(ex["name"], ExecutorState.FAILED)
+                    endings["failed attempts"] += 1
+                else:
+                    executor.mark_completing(ex["name"])
+                    if _complete(db, ex["job_id"], ex["name"]):
+                        endings["completed"] += 1
+                    executor.set_state(ex["name"], ExecutorState.SUCCEEDED)
+            statuses = Counter(
+                (s.to_dict() or {}).get(Field.STATUS)
+                for s in db.collection(schema.TRAINING_JOBS).select([Field.STATUS]).stream()
+            )
+            ended = sum(statuses[s] for s in final)
+            if ended >= len(ids) and not executor.active():
+                finished_at = time.monotonic()
+                break
+            if profile.kill_a_dispatcher and not killed and ended >= len(ids) // 3:
+                procs[0].kill()  # wherever it is: mid-claim, mid-submit, holding the lease
+                procs[0].join(10)
+                killed = 1
+                replacement = context.Process(
+                    target=_loop, args=("dispatch", str(root), settings, stop, results))
+                replacement.start()
+                procs[0] = replacement
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        reports: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 120
+        while len(reports) < len(procs) and time.monotonic() < deadline:
+            try:
+                reports.append(results.get(timeout=1.0))
+            except Exception:  # queue.Empty
+                continue
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+    figures = _burst_figures(db, executor, ids, settings, profile, reports, started,
+                             finished_at)
+    figures["dispatchers_killed"] = killed
+    return figures
+
+
+def _burst_figures(
+    db: Any, executor: FolderExecutor, ids: list[str], settings: Settings,
+    profile: BurstProfile, reports: list[dict[str, Any]], started: float,
+    finished_at: float | None,
+) -> dict[str, Any]:
+    docs = {i: db.collection(schema.TRAINING_JOBS).document(i).get().to_dict() or {}
+            for i in ids}
+    statuses = Counter(d.get(Field.STATUS) for d in docs.values())
+    attempts_by_job: dict[str, list[int]] = {}
+    for ex in executor.jobs():
+        attempts_by_job.setdefault(ex["job_id"], []).append(ex["attempt"])
+    # Exactly once: the executor jobs of each job are its attempts 1..attempt, one each.
+    not_exactly_once = [
+        i for i, d in docs.items()
+        if sorted(attempts_by_job.get(i, [])) != list(range(1, int(d.get(Field.ATTEMPT) or 0) + 1))
+    ]
+    now = datetime.now(UTC)
+    expired = [i for i, d in docs.items() if d.get(Field.STATUS) == JobStatus.DISPATCHING
+               and (d.get(Field.LEASE_EXPIRES_AT) is None or d[Field.LEASE_EXPIRES_AT] <= now)]
+    dispatch_passes = [p for r in reports if r["kind"] == "dispatch" for p in r["passes"]]
+    working = sorted(p["seconds"] for p in dispatch_passes if not p["skipped"])
+    books = executor.books()
+    elapsed = (finished_at or time.monotonic()) - started
+    return {
+        "profile": profile.name,
+        "jobs": len(ids),
+        "users": profile.users,
+        "dispatch_processes": profile.dispatchers,
+        "reconcile_processes": profile.reconcilers,
+        "caps": [settings.max_running_jobs, settings.max_running_jobs_per_user],
+        "all_ended": finished_at is not None,
+        "seconds": round(elapsed, 1),
+        "statuses": dict(statuses),
+        "attempts": books["creates"],
+        "submit_calls": books["submits"],
+        "jobs_per_second": round(len(ids) / elapsed, 2),
+        "not_exactly_once": not_exactly_once,
+        "peak_active": books["peak_active"],
+        "peak_active_per_user": books["peak_active_per_user"],
+        "peak_active_per_job": books["peak_active_per_job"],
+        "executor_jobs_left_active": len(executor.active()),
+        "leases_left_expired": len(expired),
+        "left_dispatching": statuses.get(JobStatus.DISPATCHING, 0),
+        "dispatch_passes": len(dispatch_passes),
+        "dispatch_passes_skipped": sum(1 for p in dispatch_passes if p["skipped"]),
+        "dispatch_passes_cut_off": sum(1 for p in dispatch_passes if p["cut_off"]),
+        "lost_claims": sum(p["lost_claims"] for p in dispatch_passes),
+        "dispatch_errors": sum(p["errors"] for p in dispatch_passes),
+        "reconcile_passes": sum(len(r["passes"]) for r in reports if r["kind"] == "reconcile"),
+        "reconcile_errors": sum(p["errors"] for r in reports if r["kind"] == "reconcile"
+                                for p in r["passes"]),
+        "median_working_pass_seconds": round(working[len(working) // 2], 2) if working else None,
+        "longest_working_pass_seconds": round(working[-1], 2) if working else None,
     }
 
 

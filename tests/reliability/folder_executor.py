@@ -26,6 +26,9 @@ from actorgen.executors import ExecutorJob, ExecutorNotFound, ExecutorState, Sub
 
 STATE = "state"
 SPEC = "spec.json"
+#: Marker of an attempt whose trainer is writing ``completed`` and exiting: no longer
+#: counted against the caps (the dispatcher stops counting it once completed lands).
+COMPLETING = "completing"
 BOOKS = "books.json"
 
 
@@ -106,13 +109,18 @@ class FolderExecutor:
     def active(self) -> list[dict[str, Any]]:
         return [j for j in self.jobs() if ExecutorState(j["state"]).is_active]
 
+    def mark_completing(self, name: str) -> None:
+        with self._locked():
+            (self.root / name / COMPLETING).touch()
+
     def books(self) -> dict[str, int]:
         with self._locked() as books:
             return dict(books)
 
     # -------------------------------------------------------------- internal
     def _active_specs(self) -> Iterator[dict[str, Any]]:
-        return iter(self.active())
+        return iter([j for j in self.active()
+                     if not (self.root / j["name"] / COMPLETING).exists()])
 
     @contextmanager
     def _locked(self) -> Iterator[dict[str, int]]:
