@@ -667,6 +667,26 @@ def checkpoint_prefix(job_id: str, attempt: int) -> str:
     return f"jobs/{job_id}/attempt-{attempt}/checkpoints/"
 
 
+#: Trainer caches shared by every job and attempt (service-only: rules deny users).
+#: Each entry is a folder named by a hash of what made it (see lora_trainer.caches).
+CACHE_PREFIX: Final = "cache/"
+
+
+def class_image_cache_prefix() -> str:
+    """Latents of generated class images (prior preservation)."""
+    return CACHE_PREFIX + "class-images/"
+
+
+def compile_cache_prefix() -> str:
+    """torch.compile's portable cache artifacts, by GPU type, torch version and shapes."""
+    return CACHE_PREFIX + "compile/"
+
+
+def model_cache_prefix() -> str:
+    """Snapshots of Hugging Face base models, by repo id and revision."""
+    return CACHE_PREFIX + "models/"
+
+
 def executor_output_dir(bucket: str, job_id: str, attempt: int) -> str:
     """Vertex AI ``base_output_directory`` for one attempt."""
     return f"gs://{bucket}/jobs/{job_id}/attempt-{attempt}/vertex/"

@@ -118,19 +118,23 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def inspect_base_model(model_id: str, token: str | None = None) -> BaseModelInfo:
+def inspect_base_model(model_id: str, token: str | None = None, *,
+                       source: str | None = None) -> BaseModelInfo:
     """Read model_index.json and the unet/scheduler/vae configs of ``model_id``.
 
     ``token``: Hugging Face token for gated or private hub models (never logged).
+    ``source``: a folder holding ``model_id``'s files (a cached snapshot), read
+    instead of the hub id; messages still name ``model_id``.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
+    where = source or model_id
     try:
-        index = DiffusionPipeline.load_config(model_id, token=token)
-        unet_config = UNet2DConditionModel.load_config(model_id, subfolder="unet", token=token)
-        scheduler_config = DDPMScheduler.load_config(model_id, subfolder="scheduler",
+        index = DiffusionPipeline.load_config(where, token=token)
+        unet_config = UNet2DConditionModel.load_config(where, subfolder="unet", token=token)
+        scheduler_config = DDPMScheduler.load_config(where, subfolder="scheduler",
                                                      token=token)
-        vae_config = AutoencoderKL.load_config(model_id, subfolder="vae", token=token)
+        vae_config = AutoencoderKL.load_config(where, subfolder="vae", token=token)
     except Exception as err:  # noqa: BLE001 - every cause means the same to the user
         # No chained cause: hub-client messages can carry request headers (the token),
         # and a logged traceback would print the cause unredacted.
@@ -174,11 +178,12 @@ def _cross_attention_dim(unet_config: Any) -> int:
 
 def load_base_model(config: TrainConfig, device: torch.device | None = None,
                     mixed_precision: str | None = None, *,
-                    token: str | None = None) -> LoadedModel:
+                    token: str | None = None, source: str | None = None) -> LoadedModel:
     """Load the pipeline with frozen weights in the training dtype (VAE in fp32).
 
     ``token`` (Hugging Face, for gated base models) goes to every
     ``from_pretrained``/``load_config`` of the base model; it is never logged.
+    ``source``: a local folder with the base model's files (see base_model_cache).
     """
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -187,7 +192,8 @@ def load_base_model(config: TrainConfig, device: torch.device | None = None,
 
     device = device or default_device()
     _, weight_dtype = resolve_precision(mixed_precision or config.mixed_precision, device)
-    info = inspect_base_model(config.base_model_id, token=token)
+    info = inspect_base_model(config.base_model_id, token=token, source=source)
+    where = source or config.base_model_id
     # One progress bar in the log is the training's; loading has its own log lines.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -195,15 +201,15 @@ def load_base_model(config: TrainConfig, device: torch.device | None = None,
         # The VAE only encodes the photos once and decodes the samples: fp32
         # avoids the SDXL VAE's fp16 overflow and costs nothing per step.
         vae = AutoencoderKL.from_pretrained(
-            config.base_model_id, subfolder="vae", dtype=torch.float32, token=token
+            where, subfolder="vae", dtype=torch.float32, token=token
         )
         if info.kind == SDXL:
             pipeline = StableDiffusionXLPipeline.from_pretrained(
-                config.base_model_id, vae=vae, dtype=weight_dtype, token=token
+                where, vae=vae, dtype=weight_dtype, token=token
             )
         else:
             pipeline = StableDiffusionPipeline.from_pretrained(
-                config.base_model_id,
+                where,
                 vae=vae,
                 dtype=weight_dtype,
                 token=token,

@@ -172,7 +172,8 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
     with timer.phase(Phase.IMPORTS):
         import torch
 
-        from . import data, export, hub, models
+        from . import base_model_cache, data, export, hub, models
+        from .caches import ClassImageCache, CompileCache
         from .checkpoints import CheckpointStore
         from .config import TrainConfig, estimate_training_seconds
         from .reporting import FinishResult
@@ -199,8 +200,14 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
         with timer.phase(Phase.MODEL):
             # One token for the base model (gated models) and the hub push; never logged.
             token, token_problem = _resolve_hub_token()
+            # A local folder, the local cache or the bucket's snapshot before the Hub.
+            snapshots = base_model_cache.SnapshotStore(bucket)
+            source = base_model_cache.resolve_base_model(
+                config.base_model_id, snapshots, options.work_dir / "base-models")
+            local_files = None if source.origin == base_model_cache.HUB else source.path
             with _token_note(token_problem):
-                info = models.inspect_base_model(config.base_model_id, token=token)
+                info = models.inspect_base_model(config.base_model_id, token=token,
+                                                 source=local_files)
         resolution = config.resolution or info.native_resolution
         # Photos first: a corrupt photo fails in seconds, not after a model download.
         with timer.phase(Phase.PHOTOS):
@@ -208,11 +215,19 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             files = data.download_images(bucket, refs, work / "images")
             photos = data.load_training_photos(files, refs, resolution, config.face_margin)
         with timer.phase(Phase.MODEL), _token_note(token_problem):
-            model = models.load_base_model(config, device, token=token)
+            model = models.load_base_model(config, device, token=token, source=local_files)
+            source, snapshot_saver = base_model_cache.save_in_background(
+                source, snapshots, config.base_model_id)
+        log.info("base model %s from %s (revision %s)", config.base_model_id, source.origin,
+                 source.revision)
+        class_cache = None
+        if config.prior_preservation and source.revision:
+            class_cache = ClassImageCache(bucket, config.base_model_id, source.revision)
         with timer.phase(Phase.SETUP):  # encoding and class images are timed inside
             prepared = build_trainer(model, config,
                                      data.images_to_tensor([p.image for p in photos]),
-                                     face_boxes=[p.face for p in photos], timer=timer)
+                                     face_boxes=[p.face for p in photos], timer=timer,
+                                     class_latents_source=class_cache)
     trainer = prepared.trainer
     store = CheckpointStore(
         bucket,
@@ -259,6 +274,12 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
         with timer.phase(Phase.CHECKPOINTS):
             store.save(step, trainer.trainable_state(), trainer.training_state(), meta)
 
+    compile_cache = None
+    if config.compile_unet:
+        with timer.phase(Phase.COMPILE):
+            compile_cache = CompileCache(bucket, _compile_shapes(model, config, prepared),
+                                         device)
+            compile_cache.load()
     with timer.phase(Phase.STEPS):
         loop = trainer.run(
             total,
@@ -272,6 +293,9 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
     if config.compile_unet:
         # torch.compile compiles in the first step: what it took beyond a usual step.
         timer.move(Phase.STEPS, Phase.COMPILE, loop.first_step_overhead_seconds)
+    if compile_cache is not None:
+        with timer.phase(Phase.COMPILE):
+            compile_cache.save()
 
     reporter.set_status(S.UPLOADING, **{F.STEP: trainer.step, F.TOTAL_STEPS: total,
                                         F.PROGRESS: 99, F.ETA_SECONDS: None})
@@ -293,6 +317,10 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             "faceWeightedPhotos": prepared.face_weighted_photos,
             "noiseOffset": config.noise_offset,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            # Where the repeated work came from (see docs/trainer.md, "Caches").
+            "baseModelSource": source.origin,
+            "classImageCache": _hit_or_miss(class_cache.hit if class_cache else None),
+            "compileCache": _hit_or_miss(compile_cache.loaded if compile_cache else None),
         }
         out = work / "export"
         shutil.rmtree(out, ignore_errors=True)
@@ -314,6 +342,8 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             encoding="utf-8")
     with timer.phase(Phase.UPLOAD), reporter.keepalive(S.UPLOADING, beat):
         artifacts = export.upload_artifacts(bucket, prefix, out)
+        if snapshot_saver is not None:  # the base model's copy for the next worker
+            snapshot_saver.join()
         hub_repo, hub_error = hub.maybe_push(
             out, options.job_id, token,
             token_problem=str(token_problem) if token_problem else None,
@@ -378,6 +408,27 @@ def delete_checkpoints(bucket: Any, options: RunOptions) -> None:
                             ).delete_all()
     except Exception as err:  # noqa: BLE001 - the model is published; this is tidying
         log.warning("could not delete the checkpoints of job %s: %s", options.job_id, err)
+
+
+def _hit_or_miss(hit: bool | None) -> str | None:
+    return None if hit is None else ("hit" if hit else "miss")
+
+
+def _compile_shapes(model: Any, config: Any, prepared: Any) -> dict[str, Any]:
+    """What torch.compile's output depends on in this run, besides GPU and torch."""
+    import hashlib
+    import json
+
+    unet = json.dumps(dict(model.unet.config), sort_keys=True, default=str)
+    return {
+        "unet": hashlib.sha256(unet.encode()).hexdigest()[:16],
+        "resolution": prepared.resolution,
+        "samplesPerStep": prepared.trainer.samples_per_step,
+        "rank": config.lora_rank,
+        "trainTextEncoder": config.train_text_encoder,
+        "mixedPrecision": prepared.mixed_precision,
+        "gradientCheckpointing": prepared.gradient_checkpointing,
+    }
 
 
 def _resolve_hub_token() -> tuple[str | None, Any]:
