@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from firebase_functions import params
 from firebase_functions.params import (
@@ -64,11 +64,21 @@ VERTEX_REGION = StringParam(
     default="us-central1",
     description="Vertex AI region of the training jobs (must have the chosen GPU).",
 )
+#: Where cloudbuild.yaml pushes the trainer image (its _REPOSITORY and _IMAGE; the
+#: README and a test keep the three in agreement):
+#: ``{region}-docker.pkg.dev/{project}/actorgen/lora-trainer:{tag}``.
+TRAINER_IMAGE_REPOSITORY: Final = "actorgen"
+TRAINER_IMAGE_NAME: Final = "lora-trainer"
+TRAINER_IMAGE_EXAMPLE: Final = (
+    f"{FUNCTIONS_REGION}-docker.pkg.dev/PROJECT/{TRAINER_IMAGE_REPOSITORY}/"
+    f"{TRAINER_IMAGE_NAME}:TAG"
+)
 TRAINER_IMAGE_URI = StringParam(
     "TRAINER_IMAGE_URI",
     default="",
     description="Artifact Registry URI of the trainer image built from trainer_image/ "
-    "(e.g. us-central1-docker.pkg.dev/PROJECT/actorgen/trainer:TAG). Required for vertex.",
+    f"(e.g. {TRAINER_IMAGE_EXAMPLE}; cloudbuild.yaml sets it to the image it pushed). "
+    "Required for vertex.",
 )
 MACHINE_TYPE = StringParam(
     "MACHINE_TYPE",
@@ -103,7 +113,7 @@ TRAINING_TIMEOUT_SECONDS = IntParam(
 TRAINER_SERVICE_ACCOUNT = StringParam(
     "TRAINER_SERVICE_ACCOUNT",
     default="",
-    description="Service account the training job runs as (e.g. "
+    description="Service account the training job runs as (e.g. actorgen-trainer@ for "
     "actorgen-trainer@PROJECT.iam.gserviceaccount.com; roles in docs/deployment.md). "
     "Required for vertex: without it the trainer cannot reach Firestore or Storage.",
 )
@@ -321,7 +331,7 @@ class Settings:
             accelerator_count=self.accelerator_count,
             scheduling_strategy=self.scheduling_strategy,
             timeout_seconds=self.training_timeout_seconds,
-            service_account=self.trainer_service_account,
+            service_account=service_account_email(self.trainer_service_account, self.project),
             api_endpoint=self.vertex_api_endpoint,
             local_python=self.local_trainer_python,
             local_workdir=self.local_workdir,
@@ -390,6 +400,15 @@ def load_settings() -> Settings:
         upload_sweep_max_seconds=UPLOAD_SWEEP_MAX_SECONDS.value,
         upload_sweep_max_objects=UPLOAD_SWEEP_MAX_OBJECTS.value,
     )
+
+
+def service_account_email(value: str, project: str) -> str:
+    """``name@`` -> ``name@PROJECT.iam.gserviceaccount.com`` (the Firebase CLI's short form,
+    which FUNCTIONS_SERVICE_ACCOUNT takes too); anything else as it is."""
+    value = value.strip()
+    if value.endswith("@") and project:
+        return f"{value}{project}.iam.gserviceaccount.com"
+    return value
 
 
 def _project_id() -> str:

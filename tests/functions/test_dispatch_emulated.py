@@ -14,6 +14,7 @@ from actorgen import dispatch, schema, tasks
 from actorgen.config import Settings
 from actorgen.executors import ExecutorError, ExecutorState, SubmitRequest
 from actorgen.executors.local import job_dir_name
+from actorgen.executors.settings import TRAINER_IDENTITY_MISSING
 from actorgen.schema import AttemptField, AttemptOutcome, Field, JobStatus, ModelStatus
 
 from tests.functions.jobdocs import put_queued_job, read
@@ -211,7 +212,7 @@ def test_bad_configuration_fails_the_job_with_a_short_message(db: Any) -> None:
     assert entry[AttemptField.OUTCOME] == AttemptOutcome.SUBMIT_FAILED
     assert entry[AttemptField.ERROR] == (
         "the Vertex executor is misconfigured: the Vertex executor needs trainer_image_uri "
-        "to be set"
+        f"to be set; {TRAINER_IDENTITY_MISSING}"
     )
     assert job[Field.NEXT_ATTEMPT_AT] is None
     actor = read(db, schema.ACTORS, job[Field.ACTOR_ID])

@@ -25,6 +25,14 @@ SCHEDULING_STRATEGIES: Final = (SCHEDULING_STANDARD, SCHEDULING_SPOT, SCHEDULING
 #: GPUs the trainer can use: it is a single-process, single-device trainer.
 MAX_ACCELERATORS_PER_JOB: Final = 1
 
+#: Without its own service account the trainer runs as Vertex's service agent, which has
+#: no access to the project's Firestore or Storage: every attempt would fail.
+TRAINER_IDENTITY_MISSING: Final = (
+    "the Vertex executor needs service_account, the trainer's identity (functions param "
+    "TRAINER_SERVICE_ACCOUNT, e.g. actorgen-trainer@PROJECT.iam.gserviceaccount.com; "
+    "roles in docs/deployment.md): without it the trainer cannot reach Firestore or Storage"
+)
+
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "ip6-localhost"})
 
 
@@ -52,7 +60,7 @@ class ExecutorSettings:
     timeout_seconds: int = 2 * 3600
     #: FLEX_START only: how long Vertex may wait for capacity (0 = Vertex's default).
     max_wait_seconds: int = 0
-    service_account: str = ""  # the trainer's identity; "" = Vertex's default SA
+    service_account: str = ""  # the trainer's identity; required for vertex
     network: str = ""  # projects/{number}/global/networks/{name}; "" = none
     reservation: str = ""  # a Compute Engine reservation name (SPECIFIC_RESERVATION)
     api_endpoint: str = ""  # "" = f"{region}-aiplatform.googleapis.com"
@@ -110,6 +118,8 @@ class ExecutorSettings:
             for name in ("project", "region", "bucket", "trainer_image_uri", "machine_type"):
                 if not getattr(self, name):
                     out.append(f"the Vertex executor needs {name} to be set")
+            if not self.service_account:
+                out.append(TRAINER_IDENTITY_MISSING)
             if self.scheduling_strategy not in SCHEDULING_STRATEGIES:
                 out.append(
                     f"scheduling_strategy must be one of {', '.join(SCHEDULING_STRATEGIES)}, "
