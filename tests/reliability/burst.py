@@ -355,6 +355,9 @@ def _burst_figures(
         "submit_calls": books["submits"],
         "jobs_per_second": round(len(ids) / elapsed, 2),
         "not_exactly_once": not_exactly_once,
+        "failed_with_attempts_left": [
+            i for i, d in docs.items() if d.get(Field.STATUS) == JobStatus.FAILED
+            and int(d.get(Field.ATTEMPT) or 0) < settings.max_attempts],
         "peak_active": books["peak_active"],
         "peak_active_per_user": books["peak_active_per_user"],
         "peak_active_per_job": books["peak_active_per_job"],
@@ -374,11 +377,9 @@ def _burst_figures(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=90)
-    parser.add_argument("--passes", type=int, nargs="+", default=[1, 2])
-    args = parser.parse_args(argv)
+def compare_passes(jobs: int, passes: list[int]) -> list[dict[str, Any]]:
+    """:func:`overlapping_passes` for each count of passes, on its own Firestore emulator,
+    each on a fresh queue of ``jobs`` jobs."""
     import os
 
     from tools.emulators import start_emulators
@@ -389,12 +390,20 @@ def main(argv: list[str] | None = None) -> int:
         from actorgen import clients
 
         db = clients.firestore_client()
-        for passes in args.passes:
+        for count in passes:
             suite.clear_firestore()
             with tempfile.TemporaryDirectory() as root:
-                result = overlapping_passes(db, Path(root), jobs=args.jobs, passes=passes)
-            print(json.dumps(result), flush=True)
-            figures.append(result)
+                figures.append(overlapping_passes(db, Path(root), jobs=jobs, passes=count))
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=90)
+    parser.add_argument("--passes", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args(argv)
+    for result in compare_passes(args.jobs, args.passes):
+        print(json.dumps(result), flush=True)
     return 0
 
 

@@ -38,6 +38,7 @@ def test_a_burst_keeps_every_guarantee(db: Any, tmp_path: Path, proof: Any) -> N
     proof.held("no executor job left running, no job left dispatching, no lease left expired")
     assert figures["dispatch_errors"] == 0 and figures["reconcile_errors"] == 0
     assert set(figures["statuses"]) <= {JobStatus.COMPLETED, JobStatus.FAILED}
+    assert figures["failed_with_attempts_left"] == []
     proof.held("every job ended completed, or failed after its 3 attempts")
 
 
