@@ -28,6 +28,9 @@ clients.get_app()
 REGION = config.FUNCTIONS_REGION
 JOB_DOCUMENT = f"{TRAINING_JOBS}/{{jobId}}"
 #: Every function runs as this service account (a param: see docs/deployment.md).
+#: firebase-functions 0.6.0 types ``service_account`` as str, but its manifest writer
+#: turns a param into "{{ params.NAME }}" and the CLI resolves that field like any other
+#: (tests/functions/test_functions_main.py checks the manifest).
 RUNS_AS = config.FUNCTIONS_SERVICE_ACCOUNT
 
 
