@@ -141,6 +141,18 @@ def severity(levelno: int) -> str:
     return "DEBUG"
 
 
+def as_text(line: str) -> str:
+    """A structured line as ``SEVERITY message`` for a person (error tails); others as is."""
+    if line.startswith("{"):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return line
+        if isinstance(entry, dict) and "message" in entry:
+            return f"{entry.get('severity', 'DEFAULT')} {entry['message']}"
+    return line
+
+
 class CloudLoggingFormatter(logging.Formatter):
     """One JSON object per record, in Cloud Logging's structured-logging shape."""
 

@@ -135,3 +135,12 @@ def test_text_format_is_redacted_too() -> None:
         logging.getLogger().removeHandler(handler)
     assert HF_TOKEN not in stream.getvalue()
     assert "[jobId=j1 attempt=1]" in stream.getvalue()
+
+
+def test_an_error_tail_reads_as_text(lines: io.StringIO) -> None:
+    # The local executor quotes the trainer's last lines when it dies without a word.
+    logging.getLogger("lora_trainer.run").error("training failed: out of memory")
+    [line] = lines.getvalue().splitlines()
+    assert logs.as_text(line) == "ERROR training failed: out of memory"
+    assert logs.as_text("RuntimeError: CUDA out of memory") == "RuntimeError: CUDA out of memory"
+    assert logs.as_text("{not json") == "{not json"

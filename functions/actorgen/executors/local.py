@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import schema
+from .. import logs, schema
 from .base import ExecutorError, ExecutorJob, ExecutorNotFound, ExecutorState, SubmitRequest
 from .settings import KIND_LOCAL, ExecutorSettings
 
@@ -317,7 +317,9 @@ class LocalExecutor:
                 text = f.read().decode("utf-8", "replace")
         except OSError:
             return ""
-        lines = [line for line in text.splitlines() if line.strip()][-_ERROR_TAIL_LINES:]
+        # The trainer logs JSON lines (actorgen.logs): keep their severity and message.
+        lines = [logs.as_text(line) for line in text.splitlines()
+                 if line.strip()][-_ERROR_TAIL_LINES:]
         return "\n".join(lines)[-_ERROR_TAIL_CHARS:]
 
 
