@@ -17,7 +17,7 @@ F = schema.Field
 
 def _job(**extra: object) -> dict[str, object]:
     job: dict[str, object] = {F.USER_ID: "u1", F.ACTOR_ID: "a1", F.INSTANCE_NAME: "ohwx",
-                              F.BASE_MODEL_ID: "runwayml/stable-diffusion-v1-5"}
+                              F.BASE_MODEL_ID: "stable-diffusion-v1-5/stable-diffusion-v1-5"}
     job.update(extra)
     return job
 
