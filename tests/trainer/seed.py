@@ -97,9 +97,11 @@ def seed_job(db: Any, bucket: Any, base_model: Path | str, *, images: int = 4,
 
 #: Trainer settings that keep a run at toy scale on two CPU cores.
 TOY_ARGS = ["--device", "cpu", "--sample-steps", "2", "--num-samples", "2", "--no-hub",
-            "--no-progress-bar", "--report-every", "0.5", "--min-free-disk-mb", "1"]
+            "--no-progress-bar", "--report-every", "0.5", "--min-free-disk-mb", "1",
+            "--identity-samples", "2", "--identity-sample-steps", "2"]
 TOY_SETTINGS: dict[str, Any] = {"sample_steps": 2, "num_samples": 2, "report_every_seconds": 0.5,
-                                "min_free_disk_bytes": 1 << 20}
+                                "min_free_disk_bytes": 1 << 20, "identity_samples": 2,
+                                "identity_sample_steps": 2}
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ def test_whole_job_bench_reports_every_phase(tmp_path: Path,
                            "--steps", "3", "--batch", "1", "--images", "2", "--prior",
                            "--num-class-images", "2", "--sample-steps", "1",
                            "--num-samples", "1", "--checkpoint-every", "2", "--quiet",
+                           "--identity-samples", "1", "--identity-sample-steps", "1",
                            "--out", str(out)])
     assert code == 0
     [result] = [json.loads(line) for line in out.read_text().splitlines()]
@@ -29,5 +30,6 @@ def test_whole_job_bench_reports_every_phase(tmp_path: Path,
     assert all(v >= 0 for v in ran.values()) and timings[Phase.STEPS] > 0
     assert sum(ran.values()) <= timings[Phase.TOTAL] + 0.01
     assert result["steps"] == 3 and result["prior_preservation"] is True
+    assert result["identity"]["steps"] == [2, 3]  # the last 30% of 3 steps
     table = capsys.readouterr().err
     assert Phase.CLASS_IMAGES in table and Phase.TOTAL in table

@@ -122,6 +122,17 @@ def test_whole_job_from_documents_to_published_lora(emulators: Any, db: Any, buc
     assert doc[F.GPU_SECONDS] >= timings[Phase.TOTAL] - 0.05  # (each write rounds to ms)
     assert doc[F.ESTIMATED_COST_USD] == pytest.approx(doc[F.GPU_SECONDS] / 1000, rel=1e-3)
     assert "where the time went" in result.stderr
+    # Identity score at steps 10, 11, 12 against the 4 photos (their embeddings computed
+    # here: the seeded records have none). Random weights draw no face: the last step
+    # is published, and the metrics and the model card say so.
+    ident = metrics["identity"]
+    assert [c["step"] for c in ident["checkpoints"]] == [10, 11, 12]
+    assert all(c["faces"] == 0 and c["samples"] == 2 for c in ident["checkpoints"])
+    assert ident["referencePhotos"] == 4 and ident["choice"] == "last-no-faces"
+    assert ident["publishedStep"] == metrics["publishedStep"] == 12 and ident["score"] is None
+    card = bucket.blob(prefix + A.MODEL_CARD).download_as_text()
+    assert "## Identity" in card and "no identity sample had a face" in card
+    assert "face weighted 2 times" in card
 
     actor = job.actor(db)
     assert actor is not None

@@ -65,6 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(default {DEFAULT_FACE_LOSS_WEIGHT:g}; 1 turns it off)")
     p.add_argument("--noise-offset", type=float, default=None,
                    help="offset noise scale, e.g. 0.05 (default 0: off)")
+    p.add_argument("--identity-checkpoints", type=int, default=None,
+                   help="steps in the last 30%% of training at which the identity score is "
+                        "measured (default 3; 0 turns it off)")
+    p.add_argument("--identity-samples", type=int, default=None,
+                   help="portraits rendered per identity score (default 4)")
+    p.add_argument("--identity-sample-steps", type=int, default=None,
+                   help="denoising steps of those portraits (default 20)")
+    p.add_argument("--publish-last", action="store_false", default=None,
+                   dest="publish_best_identity",
+                   help="publish the last step even when an earlier one has a better "
+                        "identity score")
     p.add_argument("--min-free-disk-mb", type=float, default=None,
                    help="refuse to start with less free disk (default 2048)")
     p.add_argument("--compile", action="store_true", default=None, dest="compile_unet",
@@ -139,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         "num_class_images": args.num_class_images,
         "face_loss_weight": args.face_loss_weight,
         "noise_offset": args.noise_offset,
+        "identity_checkpoints": args.identity_checkpoints,
+        "identity_samples": args.identity_samples,
+        "identity_sample_steps": args.identity_sample_steps,
+        "publish_best_identity": args.publish_best_identity,
         "compile_unet": args.compile_unet,
         "min_free_disk_bytes": (None if args.min_free_disk_mb is None
                                 else int(args.min_free_disk_mb * 1024 * 1024)),

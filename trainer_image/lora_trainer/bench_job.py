@@ -35,7 +35,7 @@ def run_whole_job(args: argparse.Namespace, timer: PhaseTimer) -> dict[str, Any]
     with timer.phase(Phase.IMPORTS):
         import torch
 
-        from . import export, models, synthetic
+        from . import export, identity, models, synthetic
         from .bench import MODELS, synthetic_photos
         from .config import TrainConfig
         from .training import build_trainer
@@ -59,7 +59,9 @@ def run_whole_job(args: argparse.Namespace, timer: PhaseTimer) -> dict[str, Any]
             compile_unet=args.compile, prior_preservation=args.prior,
             num_class_images=args.num_class_images, sample_steps=args.sample_steps,
             num_samples=args.num_samples, checkpoint_every=args.checkpoint_every,
-            seed=args.seed,
+            seed=args.seed, identity_checkpoints=args.identity_checkpoints,
+            identity_samples=args.identity_samples,
+            identity_sample_steps=args.identity_sample_steps,
         )
         _, weight_dtype = models.resolve_precision(config.mixed_precision, device)
         model = models.prepare_pipeline(pipeline, info, device, weight_dtype)
@@ -71,6 +73,14 @@ def run_whole_job(args: argparse.Namespace, timer: PhaseTimer) -> dict[str, Any]
         trainer = prepared.trainer
         eval_start = trainer.fixed_noise_loss(seed=config.seed)
 
+    # The identity score as a job runs it. The synthetic photos have no face, so the
+    # reference is a stand-in embedding: the cost is the same (random weights draw
+    # no face, the dearest case: the CNN detector runs after HOG finds nothing).
+    tracker = identity.IdentityTracker(
+        steps=identity.evaluation_steps(config.max_train_steps, config.identity_checkpoints,
+                                        config.identity_fraction),
+        judge=identity.sample_judge(model, config, prepared.resolution, [[0.0] * 128]),
+        same_person_max=0.6)
     work = Path(tempfile.mkdtemp(prefix="bench-job-"))
 
     def checkpoint(step: int) -> None:  # the files a checkpoint writes, on local disk
@@ -84,7 +94,8 @@ def run_whole_job(args: argparse.Namespace, timer: PhaseTimer) -> dict[str, Any]
     with timer.phase(Phase.STEPS):
         loop = trainer.run(config.max_train_steps, report_every_seconds=math.inf,
                            checkpoint_every=config.checkpoint_every, on_checkpoint=checkpoint,
-                           progress_bar=not args.quiet)
+                           progress_bar=not args.quiet,
+                           on_step=identity.step_hook(tracker, trainer, timer))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     if config.compile_unet:
@@ -116,6 +127,10 @@ def run_whole_job(args: argparse.Namespace, timer: PhaseTimer) -> dict[str, Any]
             config.max_train_steps * trainer.samples_per_step / steps_s, 2) if steps_s else None,
         "eval_loss_start": round(eval_start, 4),
         "eval_loss_end": round(eval_end, 4),
+        "identity": {"steps": [s.step for s in tracker.scores],
+                     "samples": config.identity_samples,
+                     "sample_steps": config.identity_sample_steps,
+                     "seconds": [round(s.seconds, 3) for s in tracker.scores]},
         "timings": timings,
     }
 
@@ -138,6 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--identity-checkpoints", type=int, default=3,
+                   help="identity score evaluations (0: none)")
+    p.add_argument("--identity-samples", type=int, default=4)
+    p.add_argument("--identity-sample-steps", type=int, default=20)
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
     p.add_argument("--seed", type=int, default=0)

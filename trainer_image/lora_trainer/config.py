@@ -45,6 +45,10 @@ NOT_TRAINING_FIELDS: Final = frozenset({
     "job_id", "attempt", "user_id", "actor_id",
     "checkpoint_every", "keep_checkpoints", "report_every_seconds", "min_free_disk_bytes",
     "num_samples", "compile_unet", "gradient_checkpointing",
+    # The identity score only reads the weights; its state in a checkpoint carries
+    # these settings and is dropped when they differ (identity.IdentityTracker).
+    "identity_checkpoints", "identity_fraction", "identity_samples", "identity_sample_steps",
+    "publish_best_identity",
 })
 
 
@@ -88,6 +92,14 @@ class TrainConfig:
     #: Offset noise (Guttenberg 2023): a per-channel constant of this scale added to the
     #: noise, so the LoRA can shift whole-image brightness. 0 turns it off.
     noise_offset: float = 0.0
+    #: Identity score (identity.py): evaluations spread over the last ``identity_fraction``
+    #: of the steps (0: off), each rendering ``identity_samples`` portraits of
+    #: ``identity_sample_steps`` denoising steps; the best-scored step is published.
+    identity_checkpoints: int = 3
+    identity_fraction: float = 0.3
+    identity_samples: int = 4
+    identity_sample_steps: int = 20
+    publish_best_identity: bool = True
     num_class_images: int = 50
     prior_loss_weight: float = 1.0
     num_samples: int = 4
@@ -113,6 +125,12 @@ class TrainConfig:
         if not 0.0 <= self.noise_offset <= 1.0:
             raise TrainerError(f"the noise offset must be between 0 (off) and 1, "
                                f"not {self.noise_offset:g}")
+        if self.identity_checkpoints < 0 or self.identity_samples < 0:
+            raise TrainerError("identity checkpoints and samples cannot be negative")
+        if self.identity_sample_steps < 1:
+            raise TrainerError("identity samples need at least one denoising step")
+        if not 0.0 < self.identity_fraction <= 1.0:
+            raise TrainerError("the identity fraction must be in (0, 1]")
         if "{instance}" not in self.caption_template:
             raise TrainerError("the caption template must contain {instance}")
 

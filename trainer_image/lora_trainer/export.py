@@ -125,31 +125,42 @@ def render_samples(model: LoadedModel, config: TrainConfig, resolution: int,
     """A few images with the LoRA, one fixed seed per prompt (comparable across versions)."""
     restore_encoders(model)
     model.unet.eval()
-    pipeline = model.pipeline
-    scale = model.vae.config.scaling_factor
-    shift = getattr(model.vae.config, "shift_factor", None) or 0.0
     paths = []
     sample_dir = out_dir / A.SAMPLES_DIR
     sample_dir.mkdir(parents=True, exist_ok=True)
     for index, prompt in enumerate(config.sample_prompts()):
-        generator = torch.Generator(model.device).manual_seed(config.seed + index)
-        latents = pipeline(
-            prompt=prompt,
-            num_inference_steps=config.sample_steps,
-            guidance_scale=config.guidance_scale,
-            height=resolution,
-            width=resolution,
-            generator=generator,
-            output_type="latent",
-        ).images
-        # Decode in the VAE's fp32 ourselves (the pipelines' own decode
-        # expects the VAE in the UNet's dtype).
-        decoded = model.vae.decode(latents.to(model.vae.dtype) / scale + shift).sample
-        image = pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
+        image = render_image(model, prompt, config.seed + index, resolution,
+                             steps=config.sample_steps, guidance_scale=config.guidance_scale)
         path = sample_dir / f"sample-{index:02d}.png"
         image.save(path, pnginfo=_png_text({"prompt": prompt, "seed": str(config.seed + index)}))
         paths.append(path)
     return paths
+
+
+@torch.no_grad()
+def render_image(model: LoadedModel, prompt: str, seed: int, resolution: int, *, steps: int,
+                 guidance_scale: float) -> Any:
+    """One image (PIL) of ``prompt`` drawn from ``seed`` with the model as it is now.
+
+    The VAE and text encoders must be on the model's device (``restore_encoders``).
+    """
+    pipeline = model.pipeline
+    scale = model.vae.config.scaling_factor
+    shift = getattr(model.vae.config, "shift_factor", None) or 0.0
+    generator = torch.Generator(model.device).manual_seed(seed)
+    latents = pipeline(
+        prompt=prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        height=resolution,
+        width=resolution,
+        generator=generator,
+        output_type="latent",
+    ).images
+    # Decode in the VAE's fp32 ourselves (the pipelines' own decode
+    # expects the VAE in the UNet's dtype).
+    decoded = model.vae.decode(latents.to(model.vae.dtype) / scale + shift).sample
+    return pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
 
 
 def _png_text(items: Mapping[str, str]) -> Any:
@@ -170,7 +181,10 @@ def model_card(model: LoadedModel, config: TrainConfig, metrics: Mapping[str, An
     """
     family = "stable-diffusion-xl" if model.kind == SDXL else "stable-diffusion"
     hyper = "\n".join(f"| {k} | {v} |" for k, v in config.hyperparameters().items())
-    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
+    from .identity import card_section
+
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items()
+                     if not isinstance(v, Mapping))
     sample_list = "\n".join(
         f"- `{A.SAMPLES_DIR}{p.name}`: \"{prompt}\" (seed {config.seed + i})"
         for i, (p, prompt) in enumerate(zip(samples, config.sample_prompts(), strict=False))
@@ -195,7 +209,7 @@ Trigger words: **`{config.trigger}`**, e.g. "{config.sample_prompts()[0]}".
 A rank-{config.lora_rank} LoRA (alpha {config.lora_alpha}) on the UNet attention
 projections{" and the text encoders" if config.train_text_encoder else ""}, trained with
 DreamBooth-LoRA on {config.resolution or model.info.native_resolution} px face-centred crops
-of the person's photos.
+of the person's photos{_training_extras(config)}.
 
 ## Where copies are kept
 
@@ -231,10 +245,21 @@ image = pipe("{config.sample_prompts()[0]}").images[0]
 | --- | --- |
 {rows}
 
+{card_section(metrics.get("identity"))}
 ## Samples
 
 {sample_list or "(none rendered)"}
 """
+
+
+def _training_extras(config: TrainConfig) -> str:
+    extras = []
+    if config.face_loss_weight != 1.0:
+        extras.append(f"the loss on the face weighted {config.face_loss_weight:g} times the "
+                      "background's")
+    if config.noise_offset > 0:
+        extras.append(f"offset noise {config.noise_offset:g}")
+    return (", with " + " and ".join(extras)) if extras else ""
 
 
 def _fmt(value: Any) -> str:

@@ -172,7 +172,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
     with timer.phase(Phase.IMPORTS):
         import torch
 
-        from . import base_model_cache, data, export, hub, models
+        from . import base_model_cache, data, export, hub, identity, models
         from .caches import ClassImageCache, CompileCache
         from .checkpoints import CheckpointStore
         from .config import TrainConfig, estimate_training_seconds
@@ -228,6 +228,9 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
                                      data.images_to_tensor([p.image for p in photos]),
                                      face_boxes=[p.face for p in photos], timer=timer,
                                      class_latents_source=class_cache)
+        with timer.phase(Phase.IDENTITY):  # the photos' face embeddings, when not stored
+            tracker = identity.make_tracker(model, config, prepared.resolution, actor, refs,
+                                            files)
     trainer = prepared.trainer
     store = CheckpointStore(
         bucket,
@@ -251,6 +254,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             trainer.load_trainable_state(restored.weights)
             trainer.load_training_state(restored.state)
             meta.update({k: v for k, v in restored.meta.items() if k != "fingerprint"})
+            tracker.load_state_dict(restored.state.get(identity.STATE_KEY))
             resumed_from = trainer.step
             log.info("resuming from the checkpoint at step %d", resumed_from)
         else:
@@ -272,7 +276,8 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
 
     def save_checkpoint(step: int) -> None:
         with timer.phase(Phase.CHECKPOINTS):
-            store.save(step, trainer.trainable_state(), trainer.training_state(), meta)
+            state = {**trainer.training_state(), identity.STATE_KEY: tracker.state_dict()}
+            store.save(step, trainer.trainable_state(), state, meta)
 
     compile_cache = None
     if config.compile_unet:
@@ -289,6 +294,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             on_checkpoint=save_checkpoint,
             should_stop=stop,
             progress_bar=options.progress_bar,
+            on_step=identity.step_hook(tracker, trainer, timer),
         )
     if config.compile_unet:
         # torch.compile compiles in the first step: what it took beyond a usual step.
@@ -300,6 +306,11 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
     reporter.set_status(S.UPLOADING, **{F.STEP: trainer.step, F.TOTAL_STEPS: total,
                                         F.PROGRESS: 99, F.ETA_SECONDS: None})
     with timer.phase(Phase.EXPORT), reporter.keepalive(S.UPLOADING, beat):
+        # Publish the step with the best identity score (the last one without scores).
+        choice = tracker.choose(trainer.step)
+        if choice.step != trainer.step and tracker.best_weights is not None:
+            trainer.load_trainable_state(tracker.best_weights)
+        log.info("publishing step %d: %s", choice.step, choice.note)
         eval_end = trainer.fixed_noise_loss(seed=config.seed)
         final_loss = loop.final_loss  # a fixed number of final steps, checkpoints included
         metrics: dict[str, Any] = {
@@ -316,6 +327,9 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             "faceLossWeight": config.face_loss_weight,
             "faceWeightedPhotos": prepared.face_weighted_photos,
             "noiseOffset": config.noise_offset,
+            "publishedStep": choice.step,
+            "identity": tracker.metrics(choice, samples=config.identity_samples,
+                                        sample_steps=config.identity_sample_steps),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             # Where the repeated work came from (see docs/trainer.md, "Caches").
             "baseModelSource": source.origin,

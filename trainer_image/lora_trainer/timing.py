@@ -38,6 +38,7 @@ class Phase:
     COMPILE = "compileSeconds"  # torch.compile: cache load and the first (compiling) step
     STEPS = "stepsSeconds"  # the optimisation steps (checkpoints excluded)
     CHECKPOINTS = "checkpointSeconds"
+    IDENTITY = "identitySeconds"  # identity score: the photos' embeddings, samples, faces
     SAMPLES = "samplesSeconds"  # fixed-seed sample images
     EXPORT = "exportSeconds"  # final eval loss, LoRA files, model card
     UPLOAD = "uploadSeconds"  # artifacts to Cloud Storage (and the Hub)
@@ -45,7 +46,7 @@ class Phase:
     TOTAL = "totalSeconds"
 
     ORDER: Final = (STARTUP, IMPORTS, JOB_START, PHOTOS, MODEL, ENCODE, CLASS_IMAGES, SETUP,
-                    COMPILE, STEPS, CHECKPOINTS, SAMPLES, EXPORT, UPLOAD, FINAL_WRITE)
+                    COMPILE, STEPS, CHECKPOINTS, IDENTITY, SAMPLES, EXPORT, UPLOAD, FINAL_WRITE)
 
 
 def process_start_monotonic() -> float:
