@@ -18,6 +18,7 @@ GOOGLE_TOKEN = "ya29.a0AfB_byC-secretsecret"
 @pytest.fixture
 def lines() -> Iterator[io.StringIO]:
     """The structured handler on a buffer; everything it installed is removed after."""
+    levels = {name: logging.getLogger(name).level for name in logs.PROJECT_LOGGERS}
     stream = io.StringIO()
     handler = logs.install(stream=stream)
     saved = dict(logs._defaults)
@@ -28,6 +29,8 @@ def lines() -> Iterator[io.StringIO]:
         logging.getLogger().removeHandler(handler)
         logs._defaults.clear()
         logs._defaults.update(saved)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def parsed(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -126,6 +129,7 @@ def test_install_twice_keeps_one_handler(lines: io.StringIO) -> None:
 
 
 def test_text_format_is_redacted_too() -> None:
+    levels = {name: logging.getLogger(name).level for name in logs.PROJECT_LOGGERS}
     stream = io.StringIO()
     handler = logs.install(stream=stream, json_lines=False)
     try:
@@ -133,6 +137,8 @@ def test_text_format_is_redacted_too() -> None:
             logging.getLogger("lora_trainer").info("token %s", HF_TOKEN)
     finally:
         logging.getLogger().removeHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     assert HF_TOKEN not in stream.getvalue()
     assert "[jobId=j1 attempt=1]" in stream.getvalue()
 

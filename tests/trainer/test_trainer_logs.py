@@ -53,6 +53,7 @@ def test_the_entry_point_writes_structured_lines(emulators: Any, db: Any, bucket
 def test_a_run_never_logs_the_token_it_read(emulators: Any, db: Any, bucket: Any,
                                             tiny_sd: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    levels = {name: logging.getLogger(name).level for name in logs.PROJECT_LOGGERS}
     stream = io.StringIO()
     handler = logs.install(stream=stream, function="lora_trainer")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -74,6 +75,9 @@ def test_a_run_never_logs_the_token_it_read(emulators: Any, db: Any, bucket: Any
                                   settings=dict(TOY_SETTINGS)))
     finally:
         logging.getLogger().removeHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        logs.set_defaults(function=None, job_id=None, attempt=None, user_id=None)
     assert code == 0, job.job(db).get(F.ERROR)
     text = stream.getvalue()
     assert TOKEN not in text
