@@ -46,6 +46,9 @@ DEFECTS = [
      "test_interleavings.py::test_a_cancel_requested_during_reconcile_stops_the_executor_job"),
     ("Overlapping dispatch passes fought over the same jobs (lost claims, 8x slower); no "
      "pass deadline", "test_dispatch_passes.py (4 proofs), test_burst.py"),
+    ("A job lease left by a pass cut off mid-submission waited for the whole "
+     "DISPATCH_LEASE_SECONDS", "test_dispatch_passes.py::test_a_lease_left_by_a_pass_cut_off_"
+     "mid_submission_is_redriven_promptly"),
     ("Oversized job fields passed the rules; intake quoted them whole into the job's "
      "error and the actor's modelError", "test_bounds.py (5 proofs)"),
     ("The pending-job sweep had no budget", "test_budgets.py::test_the_pending_job_sweep_is_bounded"),

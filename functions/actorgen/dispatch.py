@@ -15,7 +15,9 @@ jobs. Each chosen job is claimed in a Firestore transaction that checks and rene
 the pass lease (so the claims of two passes never interleave, and the caps counted
 once per round hold): ``queued -> dispatching`` with a lease and ``attempt + 1``.
 A pass stops claiming at its deadline, under the function's timeout, between two
-jobs, so it leaves no job lease behind. Then the executor submits it (idempotent: the
+jobs, so it leaves no job lease behind; the lease of a pass the timeout (or a crash)
+cut off mid-submission is re-driven by the next pass once it is
+:data:`ORPHAN_LEASE_SECONDS` old, not only once it expires. Then the executor submits it (idempotent: the
 executor looks the attempt up by its labels first) and a second transaction records
 ``dispatching -> dispatched``. A pass that dies between the two leaves a
 ``dispatching`` job whose lease expires; the next pass re-drives the submission
@@ -84,6 +86,9 @@ _PASS_LOST: Final = "pass-lost"
 PASS_LEASE_SECONDS: Final = 60
 #: Kept free under the function's timeout for the last submission and letting go.
 PASS_MARGIN_SECONDS: Final = 60
+#: Another pass's job lease this old is re-driven before it expires (lease_abandoned):
+#: far longer than a submission takes, far shorter than DISPATCH_LEASE_SECONDS.
+ORPHAN_LEASE_SECONDS: Final = 120
 #: Rounds one pass runs at most (one more when other passes asked, see schema).
 MAX_ROUNDS: Final = 10
 
@@ -164,6 +169,27 @@ def plan_dispatch(
 def lease_expired(job: Mapping[str, Any], now: datetime) -> bool:
     expires = jobs.as_datetime(job.get(Field.LEASE_EXPIRES_AT))
     return expires is None or expires <= now
+
+
+def lease_abandoned(
+    job: Mapping[str, Any], now: datetime, owner: str, lease_seconds: int
+) -> bool:
+    """Whether the pass holding the pass lease (``owner``) may re-drive this job now.
+
+    Expired, or left by another pass more than :data:`ORPHAN_LEASE_SECONDS` ago: job
+    leases are taken only by the pass-lease holder, and a pass submits one job at a
+    time, so another pass's lease that old belongs to a pass the function's timeout
+    (or a crash) cut off in the middle of a submission. Re-driving it then, instead of
+    after the whole ``DISPATCH_LEASE_SECONDS``, is safe: the submission looks the
+    attempt up by its labels first, and a second executor job is cancelled.
+    """
+    if lease_expired(job, now):
+        return True
+    if job.get(Field.LEASE_OWNER) == owner:
+        return False
+    expires = jobs.as_datetime(job.get(Field.LEASE_EXPIRES_AT))
+    granted = expires - timedelta(seconds=lease_seconds) if expires else None
+    return granted is not None and (now - granted).total_seconds() > ORPHAN_LEASE_SECONDS
 
 
 def _utcnow() -> datetime:
@@ -317,7 +343,8 @@ def _dispatch_round(
     # 1. Submissions whose dispatcher died (lease expired): submit the same attempt again.
     stuck = jobs_ref.where(filter=FieldFilter(Field.STATUS, "==", JobStatus.DISPATCHING))
     for snap in stuck.stream():
-        if not lease_expired(snap.to_dict() or {}, clock()):
+        if not lease_abandoned(snap.to_dict() or {}, clock(), owner,
+                               settings.dispatch_lease_seconds):
             continue
         if out_of_time():
             return False
@@ -517,7 +544,9 @@ def _claim(
         }
         renewal = {P.EXPIRES_AT: at + timedelta(seconds=PASS_LEASE_SECONDS), P.UPDATED_AT: at}
         if redrive:
-            if status != JobStatus.DISPATCHING or not lease_expired(job, at):
+            if status != JobStatus.DISPATCHING or not lease_abandoned(
+                job, at, owner, settings.dispatch_lease_seconds
+            ):
                 return None
             attempt = jobs.as_int(job.get(Field.ATTEMPT))
             if job.get(Field.CANCEL_REQUESTED):

@@ -110,3 +110,36 @@ def test_a_dead_pass_lease_expires(db: Any, hooked: Any, proof: Any) -> None:
     assert freed.submitted == [job_id]
     proof.held("a dead pass's lease blocks dispatch for at most "
                f"{dispatch.PASS_LEASE_SECONDS} s")
+
+
+def test_a_lease_left_by_a_pass_cut_off_mid_submission_is_redriven_promptly(
+    db: Any, hooked: Any, proof: Any
+) -> None:
+    """A pass killed by the function's timeout in the middle of a submission: the next
+    pass re-drives its job once the lease is ORPHAN_LEASE_SECONDS old, not only after
+    the whole DISPATCH_LEASE_SECONDS; a younger lease of another pass is left alone."""
+    from actorgen.executors import SubmitRequest
+
+    settings = Settings(executor_kind="local", dispatch_lease_seconds=300)
+    now = datetime.now(UTC)
+    ages = {"old": dispatch.ORPHAN_LEASE_SECONDS + 10, "young": 30}
+    job_ids = {}
+    for name, age in ages.items():
+        job_id = put_queued_job(db, f"user-{name}")
+        granted = now - timedelta(seconds=age)
+        db.collection(JOBS).document(job_id).update({
+            Field.STATUS: JobStatus.DISPATCHING, Field.ATTEMPT: 1, Field.NEXT_ATTEMPT_AT: None,
+            Field.LEASE_OWNER: "cut-off-pass",
+            Field.LEASE_EXPIRES_AT: granted + timedelta(seconds=300),
+        })
+        hooked.inner.submit(SubmitRequest(job_id, 1, f"user-{name}"))  # created, not recorded
+        job_ids[name] = job_id
+    report = dispatch.run_dispatch_pass(settings, db=db, executor=hooked, now=now)
+    proof.case(2)
+    assert report.redriven == [job_ids["old"]]
+    old, young = (read(db, JOBS, job_ids[k]) for k in ("old", "young"))
+    assert (old[Field.STATUS], old[Field.ATTEMPT]) == (JobStatus.DISPATCHED, 1)
+    assert young[Field.STATUS] == JobStatus.DISPATCHING
+    assert hooked.inner.books()["creates"] == 2  # the re-drive found the executor job
+    proof.held(f"a cut-off pass's job lease re-driven after {dispatch.ORPHAN_LEASE_SECONDS} s "
+               "(not 300), same attempt, no second executor job; a younger one left alone")
