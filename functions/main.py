@@ -2,7 +2,7 @@
 
 The logic lives in the ``actorgen`` package beside it (one module per job:
 uploads, intake, dispatch, reconcile, admin, tasks; configuration in
-``actorgen.config``). Everything heavy (Pillow, OpenCV, the Vertex AI client) is
+``actorgen.config``). Everything heavy (Pillow, dlib, the Vertex AI client) is
 imported on first use, so a cold start pays only for what the function needs.
 """
 

@@ -2,8 +2,8 @@
 
 Starts the Firebase emulators with the functions (Firestore, Storage, Functions,
 Cloud Tasks) and the ``local`` executor, then acts as the app: creates a demo
-actor, uploads photos of it (five valid ones built from scikit-image's astronaut
-plus one without a face, or your own with ``--photos``), waits for each photo's
+actor, uploads photos of it (five valid ones of one man, from real photos that
+ship in a package, plus one without a face, or your own with ``--photos``), waits for each photo's
 verdict, creates a training job on a tiny SD 1.x-shaped model (built once into
 ``.cache/demo-base-model``) and follows the job document with a progress bar until
 the real trainer (``python -m lora_trainer``, CPU) has published the LoRA. Prints a
@@ -717,7 +717,7 @@ def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
     if not photos:
         raise DemoError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.photos}")
     say(f"{len(photos)} photos " + (f"from {args.photos}" if args.photos else
-                                     f"built from scikit-image's astronaut "
+                                     f"of one person, from real packaged photos "
                                      f"({len(photos) - 1} valid, 1 without a face)"))
 
     started = time.monotonic()

@@ -168,6 +168,16 @@ class FaceAnalysis:
     def __hash__(self) -> int:  # lists are not hashable; the box identifies a face
         return hash((self.box, self.detector))
 
+    def rescaled(self, factor: float) -> FaceAnalysis:
+        """The same face in an image ``factor`` times as large (box and landmarks)."""
+        if factor == 1.0:
+            return self
+        b = self.box
+        box = FaceBox(round(b.x * factor), round(b.y * factor), round(b.w * factor),
+                      round(b.h * factor))
+        points = [(x * factor, y * factor) for x, y in self.landmarks]
+        return FaceAnalysis(box, points, self.embedding, self.quality, self.detector)
+
     def as_record(self) -> dict[str, Any]:
         """The image record's face keys (``schema.ImageField``): box, landmarks, embedding."""
         from actorgen.schema import ImageField

@@ -99,8 +99,9 @@ def _mean(vectors: Sequence[Sequence[float]]) -> list[float]:
     return [sum(values) / n for values in zip(*vectors, strict=True)]
 
 
-#: Most photo names one message lists.
+#: Most photo names one message lists, and most characters of each.
 _MAX_NAMED: Final = 8
+_NAME_CHARS: Final = 40
 
 
 def mixed_people_problem(
@@ -113,7 +114,7 @@ def mixed_people_problem(
     before training, whatever the verdicts said when the photos arrived.
     """
     from actorgen.faces import embedding_from_record
-    from actorgen.schema import ImageField, ImageStatus
+    from actorgen.schema import ImageField, ImageStatus, quote
 
     accepted = {
         key: emb for key, record in images.items()
@@ -125,7 +126,9 @@ def mixed_people_problem(
     def names(keys: Iterable[str]) -> str:
         found = sorted(str(images[k].get(ImageField.FILE_NAME) or k) for k in keys)
         more = len(found) - _MAX_NAMED
-        return ", ".join(found[:_MAX_NAMED]) + (f" and {more} more" if more > 0 else "")
+        # File names are the user's: each is quoted and cut short.
+        return ", ".join(quote(n, _NAME_CHARS) for n in found[:_MAX_NAMED]) + (
+            f" and {more} more" if more > 0 else "")
 
     if judged.decisive and judged.outsiders:
         return (

@@ -64,6 +64,10 @@ DETECT_FACE_FRACTION: Final = 0.04
 SECOND_FACE_RATIO: Final = 0.5
 
 
+#: Photos are analysed reduced to about this many pixels (face detection works on
+#: 800 pixels, the hash on 32): decoding memory stays small whatever the photo's size.
+ANALYSIS_PIXELS: Final = 4_000_000
+
 #: Reason for a file the decoder or the analysis choked on in an unexpected way.
 UNPROCESSABLE: Final = (
     "The photo could not be processed; upload it again, or upload another photo."
@@ -184,20 +188,22 @@ def analyse(data: bytes, policy: UploadPolicy) -> ImageFacts:
     if not data or len(data) > policy.max_bytes:
         return facts  # judged on size alone; never decode what is too big to accept
     try:
-        decoded = imaging.open_image(data, max_pixels=policy.max_pixels)
+        decoded = imaging.open_image(data, max_pixels=policy.max_pixels,
+                                     working_pixels=ANALYSIS_PIXELS)
     except imaging.ImageDecodeError as err:
         return dataclasses.replace(facts, decode_error=str(err))
     except Exception:  # a decoder bug on one odd file must end in a verdict, not a retry loop
         log.exception("decoding an upload failed unexpectedly")
         return dataclasses.replace(facts, decode_error=UNPROCESSABLE)
-    image = decoded.image
-    width, height = image.size
+    image = decoded.image  # at most about ANALYSIS_PIXELS; sizes and boxes are the photo's
+    width, height = decoded.size
     facts = dataclasses.replace(facts, format=decoded.format, width=width, height=height)
     try:
         facts = dataclasses.replace(facts, phash=perceptual_hash(image))
         if min(width, height) < policy.min_side:
             return facts  # rejected on resolution; face analysis would be wasted
-        found = faces.analyze_faces(image, min_face_fraction=DETECT_FACE_FRACTION)
+        found = [face.rescaled(1 / decoded.scale) for face in
+                 faces.analyze_faces(image, min_face_fraction=DETECT_FACE_FRACTION)]
     except Exception as err:  # one odd photo must end in a verdict, not a retry loop
         log.error("analysing an upload failed unexpectedly: %s", type(err).__name__,
                   exc_info=True)

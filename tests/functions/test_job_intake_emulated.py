@@ -164,7 +164,7 @@ def test_a_job_whose_accepted_photos_are_two_people_is_rejected(db: Any, owner: 
     assert take_in(db, job_id) == IntakeOutcome.REJECTED
     job = get(db, schema.TRAINING_JOBS, job_id)
     assert job[Field.ERROR] == (
-        "the photos stranger.jpg show a different person from the other 4; remove them (or "
+        "the photos 'stranger.jpg' show a different person from the other 4; remove them (or "
         "replace them with photos of the person)"
     )
     assert get(db, schema.ACTORS, actor_id)[Field.MODEL_ERROR] == job[Field.ERROR]

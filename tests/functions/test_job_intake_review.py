@@ -143,7 +143,7 @@ def test_accepted_photos_of_other_people_are_named(
     review = intake.review_job(job(), {Field.USER_ID: UID, Field.IMAGES: images}, SETTINGS)
     assert not review.accepted
     assert review.error == (
-        "the photos other.jpg, stranger.jpg show a different person from the other 5; remove "
+        "the photos 'other.jpg', 'stranger.jpg' show a different person from the other 5; remove "
         "them (or replace them with photos of the person)"
     )
     one_person = {k: v for k, v in images.items() if v[ImageField.FILE_NAME].startswith("me")}
@@ -161,12 +161,25 @@ def test_an_undecided_set_names_who_is_who(
     del images[next(k for k, v in images.items() if v[ImageField.FILE_NAME] == "me2.jpg")]
     review = intake.review_job(job(), {Field.USER_ID: UID, Field.IMAGES: images},
                                Settings(min_images=4))
-    assert review.error is not None and "other.jpg, stranger.jpg show a different" in review.error
+    assert review.error is not None and "'other.jpg', 'stranger.jpg' show a different" in review.error
     tie = {k: v for k, v in images.items()
            if v[ImageField.FILE_NAME] in ("me0.jpg", "stranger.jpg")}
     review = intake.review_job(job(), {Field.USER_ID: UID, Field.IMAGES: tie},
                                Settings(min_images=2))
     assert review.error == (
-        "the accepted photos show 2 different people: (me0.jpg); (stranger.jpg); keep the "
+        "the accepted photos show 2 different people: ('me0.jpg'); ('stranger.jpg'); keep the "
         "photos of one person and remove the others"
     )
+
+
+def test_a_long_file_name_is_cut_in_the_message(
+    person_and_strangers: dict[str, dict[str, Any]],
+) -> None:
+    from tests import photos
+
+    images = {k: v for k, v in person_and_strangers.items()
+              if v[ImageField.FILE_NAME].startswith("me")}
+    images.update(real_records(UID, "actor-1", **{"x" * 900: photos.jpeg(photos.other_person(0))}))
+    review = intake.review_job(job(), {Field.USER_ID: UID, Field.IMAGES: images}, SETTINGS)
+    assert review.error is not None
+    assert "'" + "x" * 40 + "'... (904 characters) show a different person" in review.error

@@ -2,7 +2,7 @@
 
 The trainer package lives in trainer_image/ and imports ``actorgen`` from
 functions/ (pyproject's pytest pythonpath; the Docker image puts both side by
-side); ``tests.photos`` builds the photos from scikit-image's astronaut.
+side); ``tests.photos`` builds the photos from real photos of one person.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def tiny_sd_vpred(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def face_pixels() -> object:
-    """Four astronaut-derived photos, face-cropped at 64 px, as the VAE's input tensor."""
+    """Four photos of one person, face-cropped at 64 px, as the VAE's input tensor."""
     from lora_trainer import data
 
     from tests import photos

@@ -51,7 +51,7 @@ def seed_job(db: Any, bucket: Any, base_model: Path | str, *, images: int = 4,
              corrupt_index: int | None = None, with_actor: bool = True,
              status: str = schema.JobStatus.DISPATCHED, attempt: int = 1,
              **job_fields: Any) -> SeededJob:
-    """Upload ``images`` astronaut-derived photos and write the actor and job documents."""
+    """Upload ``images`` photos of one person (tests.photos.portrait) and write the actor and job documents."""
     tag = uuid.uuid4().hex[:8]
     uid, actor_id, job_id = f"user-{tag}", f"actor-{tag}", f"job-{tag}"
     records, paths = {}, []
