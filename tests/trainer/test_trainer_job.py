@@ -21,7 +21,7 @@ import pytest
 import torch
 from actorgen import schema
 from lora_trainer.checkpoints import MARKER
-from lora_trainer.run import EXIT_FAILED, EXIT_OK, RunOptions, run_job
+from lora_trainer.run import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, RunOptions, run_job
 from lora_trainer.timing import Phase
 
 from tests.trainer.seed import REPO_ROOT, TOY_ARGS, TOY_SETTINGS, SeededJob, seed_job, trainer_env
@@ -334,3 +334,56 @@ def test_a_restart_after_the_completion_commit_removes_the_checkpoints(
     assert run_job(options) == EXIT_OK
     assert job.job(db)[F.STATUS] == S.COMPLETED
     assert [b.name for b in bucket.list_blobs(prefix=f"jobs/{job.job_id}/")] == []
+
+
+#: Seconds a probed phase lingers (as a long download or generation would) and the
+#: generous bound on stopping after SIGTERM: a worker that ignores the signal until
+#: the phase ends (or until SIGKILL, 30 s later on Vertex) overruns it by far.
+PHASE_LINGER_SECONDS = 600
+STOP_BOUND_SECONDS = 60
+
+
+@pytest.mark.parametrize("target", [
+    "lora_trainer.models:load_base_model",
+    "lora_trainer.encode:generate_class_latents",
+    "lora_trainer.export:render_samples",
+], ids=["model-loading", "class-images", "export"])
+def test_sigterm_in_every_phase_stops_the_worker_for_a_restart(
+        emulators: Any, db: Any, bucket: Any, tiny_sd: Path, tmp_path: Path,
+        target: str) -> None:
+    from tests.trainer.phase_probe import MARKER
+
+    job = seed_job(db, bucket, tiny_sd, images=1, **{F.PRIOR_PRESERVATION: True})
+    command = [sys.executable, "-m", "tests.trainer.phase_probe", target,
+               str(PHASE_LINGER_SECONDS), *_command(job, emulators, tmp_path / "w")[3:],
+               "--max-steps-override", "2", "--num-class-images", "2"]
+    proc = subprocess.Popen(command, env=trainer_env(emulators.env), cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    entered = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+            if line.startswith(MARKER):
+                entered.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert entered.wait(240), "the phase was never reached:\n" + "".join(lines[-30:])
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=STOP_BOUND_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {STOP_BOUND_SECONDS} s after SIGTERM in {target}: "
+                        "it would have run until SIGKILL")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    reader.join(timeout=10)
+    assert code == EXIT_PREEMPTED, "".join(lines[-30:])
+    doc = job.job(db)
+    # Left for the restarted worker: neither failed nor given an error.
+    assert doc[F.STATUS] in (S.PREPARING, S.UPLOADING) and not doc.get(F.ERROR)

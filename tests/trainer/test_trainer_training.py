@@ -3,6 +3,7 @@ preservation, text-encoder LoRA, and exact resumption from saved state."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,40 @@ def test_final_loss_is_the_mean_of_the_last_steps_whatever_the_report_windows(
     resumed.load_training_state(first.training_state())
     assert resumed.run(12, report_every_seconds=1e9, progress_bar=False).final_loss == (
         pytest.approx(expected, rel=1e-5))
+
+
+def test_stop_flag_raises_only_where_stopping_at_once_is_safe() -> None:
+    """Real SIGTERMs to this process: raised inside the work, deferred to the loop's next
+    step inside it, only noted before and after (start-up, recording the outcome)."""
+    import os
+    import signal
+
+    from lora_trainer.errors import Preempted
+
+    stop = training.StopFlag()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # start-up: noted only
+        assert stop()
+        with pytest.raises(Preempted):  # the work does not even start
+            with stop.interrupting():
+                raise AssertionError("not reached")
+
+        stop = training.StopFlag()
+        stop.install()
+        with pytest.raises(Preempted), stop.interrupting():
+            with stop.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)  # in the loop: noted, raised at its end
+                assert stop()
+            raise AssertionError("not reached")
+
+        stop = training.StopFlag()
+        stop.install()
+        with pytest.raises(Preempted), stop.interrupting():
+            os.kill(os.getpid(), signal.SIGTERM)  # loading, class images, export: at once
+            for _ in range(100):
+                time.sleep(0.01)
+            raise AssertionError("not reached")
+        os.kill(os.getpid(), signal.SIGTERM)  # recording the outcome: noted only
+    finally:
+        stop.restore()

@@ -57,8 +57,13 @@ class AlreadyCompleted(StopTraining):
     """The job is already ``completed`` (a restart after the final write)."""
 
 
-class Preempted(StopTraining):
-    """SIGTERM arrived (the VM is being taken away): checkpoint, exit, resume later."""
+class Preempted(BaseException):  # noqa: N818 - a signal, not an error
+    """SIGTERM arrived (the VM is being taken away): checkpoint, exit, resume later.
+
+    A BaseException, like KeyboardInterrupt: the SIGTERM handler raises it in the
+    middle of any phase, and no ``except Exception`` on the way (a model-load error
+    wrapper, a best-effort clean-up) may swallow it or turn it into a failure.
+    """
 
 
 def describe(exc: BaseException) -> str:

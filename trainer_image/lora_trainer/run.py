@@ -127,7 +127,8 @@ def run_job(options: RunOptions) -> int:
         interval = float(options.settings.get("report_every_seconds") or 5.0)
         reporter = JobReporter(db, options.job_id, options.attempt, min_interval=interval,
                                meter=meter)
-        return _run(options, reporter, bucket, stop, timer)
+        with stop.interrupting():
+            return _run(options, reporter, bucket, stop, timer)
     except AlreadyCompleted:
         log.info("job %s is already completed; nothing to do", options.job_id)
         # A worker killed between the completion commit and its clean-up restarts here.
@@ -285,7 +286,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             compile_cache = CompileCache(bucket, _compile_shapes(model, config, prepared),
                                          device)
             compile_cache.load()
-    with timer.phase(Phase.STEPS):
+    with timer.phase(Phase.STEPS), stop.deferred():
         loop = trainer.run(
             total,
             report_every_seconds=config.report_every_seconds,

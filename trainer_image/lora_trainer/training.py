@@ -11,11 +11,12 @@ step waits for the GPU; the loop reads the loss back only when it reports.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .encode import LatentStats, PromptEmbeds, encode_tokens
+from .errors import Preempted
 from .models import SDXL, LoadedModel, lora_modules
 from .timing import Phase, PhaseTimer
 
@@ -352,8 +354,6 @@ class LoraTrainer:
         """
         from tqdm.auto import tqdm
 
-        from .errors import Preempted
-
         result = LoopResult(steps=self.step)
         start_step = self.step
         started = time.monotonic()
@@ -435,10 +435,22 @@ def _cpu_copy(obj: Any) -> Any:
 
 
 class StopFlag:
-    """Set by SIGTERM (preemption): the loop checkpoints and exits at the next step."""
+    """SIGTERM (preemption): checkpoint or stop promptly, whatever the worker is doing.
+
+    Inside :meth:`interrupting` (the job's work) the handler raises :class:`Preempted`
+    at once: loading the model, class images, export and upload have nothing to
+    checkpoint and no step to wait for, and waiting for the phase to end would only
+    end in SIGKILL. Inside :meth:`deferred` (the training loop) it only sets the
+    flag: the loop checkpoints and raises after the current step. Elsewhere (start-up,
+    recording an outcome) it only sets the flag. The restarted worker resumes from
+    the last checkpoint.
+    """
+
+    _FLAG, _RAISE = "flag", "raise"
 
     def __init__(self) -> None:
         self.requested = False
+        self._mode = self._FLAG
 
     def __call__(self) -> bool:
         return self.requested
@@ -447,11 +459,37 @@ class StopFlag:
         """Handle SIGTERM from now on; returns the previous handler (for :meth:`restore`)."""
 
         def handler(signum: int, _frame: Any) -> None:
-            log.warning("signal %d: checkpointing and stopping after this step", signum)
             self.requested = True
+            if self._mode != self._RAISE:
+                log.warning("signal %d: stopping at the next safe point", signum)
+                return
+            self._mode = self._FLAG  # once: a second signal must not break the way out
+            log.warning("signal %d: stopping now", signum)
+            raise Preempted(f"stopped on signal {signum}")
 
         self._previous = signal.signal(signal.SIGTERM, handler)
         return self._previous
+
+    @contextlib.contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """While inside, a signal raises :class:`Preempted` wherever the worker is."""
+        yield from self._within(self._RAISE, "before the work started")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """While inside, a signal waits for the loop (which checks this flag each step)."""
+        yield from self._within(self._FLAG, "before training")
+        if self.requested:  # arrived on the last step: its checkpoint is saved
+            raise Preempted("stopped on a signal after the last step")
+
+    def _within(self, mode: str, where: str) -> Iterator[None]:
+        if self.requested:
+            raise Preempted(f"stopped on a signal {where}")
+        outer, self._mode = self._mode, mode
+        try:
+            yield
+        finally:
+            self._mode = outer
 
     def restore(self) -> None:
         previous = getattr(self, "_previous", None)
