@@ -70,6 +70,14 @@ def test_finds_every_face_of_a_group_photo_with_turned_and_lowered_heads(
     assert max(f.quality.yaw for f in friends) > 0.3
 
 
+@pytest.mark.parametrize("degrees", [15, 25, 35])
+def test_finds_tilted_faces(degrees: int) -> None:
+    # (The Haar cascade found obama.jpg's face at 15 degrees, but not at 25 or 35.)
+    tilted = photos.real_photo("obama").rotate(
+        degrees, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=(128, 128, 128))
+    assert len(faces.detect_faces(tilted, cnn_fallback=False)) == 1
+
+
 def test_one_face_in_the_astronaut_not_her_mission_patch() -> None:
     found = faces.analyze_faces(photos.astronaut())
     assert [f.box for f in found] == [FaceBox(175, 76, 90, 90)]
