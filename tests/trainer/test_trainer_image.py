@@ -76,5 +76,5 @@ def test_dockerignore_lets_every_copied_file_through() -> None:
 def test_cloudbuild_builds_this_dockerfile_from_the_root() -> None:
     text = (REPO_ROOT / "cloudbuild.yaml").read_text()
     assert "trainer_image/Dockerfile" in text
-    assert "-docker.pkg.dev/$PROJECT_ID/${_REPOSITORY}/${_IMAGE}:$SHORT_SHA" in text
+    assert "-docker.pkg.dev/$PROJECT_ID/${_REPOSITORY}/${_IMAGE}:${_TAG}" in text
     assert "${_IMAGE}:latest" in text and "_IMAGE: lora-trainer" in text
