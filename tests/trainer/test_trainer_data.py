@@ -67,13 +67,36 @@ def test_corrupt_photo_names_the_file() -> None:
         data.prepare_image(photos.text_as_jpg(), ref, 64, 1.0)
 
 
-def test_photo_without_face_falls_back_to_stored_box_then_centre() -> None:
+def test_photo_without_face_uses_stored_box_else_centre() -> None:
     image = photos.no_face()
     stored = data.ImageRef("x", "p/x.jpg", face={"x": 10, "y": 20, "w": 100, "h": 100})
     assert data.crop_box(image, stored, margin=0.5) == (0, 0, 200, 200)
     width, height = image.size
     left, top, right, bottom = data.crop_box(image, data.ImageRef("x", "p/x.jpg"), margin=1.0)
     assert right - left == min(width, height) and left == (width - height) // 2
+
+
+def test_stored_face_box_is_used_without_detecting_again(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    photo = photos.portrait(2)
+    face = faces.detect_faces(photo)[0]
+
+    def no_detection(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the stored face box must be used without detecting again")
+
+    monkeypatch.setattr(faces, "detect_faces", no_detection)
+    stored = data.ImageRef("x", "p/x.jpg", face=face.as_dict())
+    assert data.crop_box(photo, stored, margin=1.0) == faces.face_crop_box(
+        face, photo.size, margin=1.0)
+
+
+def test_stored_face_box_outside_the_image_is_ignored() -> None:
+    photo = photos.portrait(2)
+    face = faces.detect_faces(photo)[0]
+    width, _ = photo.size
+    outside = data.ImageRef("x", "p/x.jpg", face={"x": width, "y": 0, "w": 50, "h": 50})
+    assert data.crop_box(photo, outside, margin=1.0) == faces.face_crop_box(
+        face, photo.size, margin=1.0)
 
 
 def test_tensor_range(face_pixels: object) -> None:

@@ -115,8 +115,22 @@ def download_images(bucket: Any, refs: Sequence[ImageRef], dest: Path) -> list[P
 
 
 def crop_box(image: Image.Image, ref: ImageRef, margin: float) -> tuple[int, int, int, int]:
-    """A square around the largest detected face, else the stored face, else the centre."""
+    """A square around the stored face, else the largest detected face, else the centre."""
     return crop_around_face(image, ref, margin)[0]
+
+
+def _stored_face(ref: ImageRef, image_size: tuple[int, int]) -> Any:
+    """The face box upload validation stored for this generation, when it fits the image."""
+    from actorgen import faces
+
+    try:
+        face = faces.FaceBox(**{k: int(ref.face[k]) for k in ("x", "y", "w", "h")})
+    except (TypeError, KeyError, ValueError):
+        return None
+    width, height = image_size
+    inside = (face.w > 0 and face.h > 0 and face.x >= 0 and face.y >= 0
+              and face.x + face.w <= width and face.y + face.h <= height)
+    return face if inside else None
 
 
 def crop_around_face(image: Image.Image, ref: ImageRef, margin: float
@@ -124,10 +138,12 @@ def crop_around_face(image: Image.Image, ref: ImageRef, margin: float
     """:func:`crop_box` and the face (``actorgen.faces.FaceBox``) it was made around, or None."""
     from actorgen import faces
 
-    found = faces.detect_faces(image)
-    face = found[0] if found else None
-    if face is None and ref.face:
-        face = faces.FaceBox(**{k: int(ref.face[k]) for k in ("x", "y", "w", "h")})
+    # Validation judged this very generation, EXIF-oriented like here: its box is the
+    # face; detecting again would cost about a second per photo of GPU-worker time.
+    face = _stored_face(ref, image.size) if ref.face else None
+    if face is None:
+        found = faces.detect_faces(image)
+        face = found[0] if found else None
     if face is None:
         log.warning("no face found in %s; using a centre crop", ref.file_name)
         width, height = image.size
