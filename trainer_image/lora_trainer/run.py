@@ -221,6 +221,12 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
                 source, snapshots, config.base_model_id)
         log.info("base model %s from %s (revision %s)", config.base_model_id, source.origin,
                  source.revision)
+        compile_cache = None
+        if config.compile_unet:  # before anything runs the compiled UNet
+            with timer.phase(Phase.COMPILE):
+                compile_cache = CompileCache(bucket, _compile_shapes(model, config, resolution),
+                                             device)
+                compile_cache.load()
         class_cache = None
         if config.prior_preservation and source.revision:
             class_cache = ClassImageCache(bucket, config.base_model_id, source.revision)
@@ -259,7 +265,9 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             resumed_from = trainer.step
             log.info("resuming from the checkpoint at step %d", resumed_from)
         else:
-            meta["evalLossStart"] = trainer.fixed_noise_loss(seed=config.seed)
+            # With --compile this first forward pass compiles the evaluation graph.
+            with timer.phase(Phase.COMPILE if config.compile_unet else Phase.SETUP):
+                meta["evalLossStart"] = trainer.fixed_noise_loss(seed=config.seed)
 
     total = config.max_train_steps
     eta = 0.0
@@ -280,12 +288,6 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             state = {**trainer.training_state(), identity.STATE_KEY: tracker.state_dict()}
             store.save(step, trainer.trainable_state(), state, meta)
 
-    compile_cache = None
-    if config.compile_unet:
-        with timer.phase(Phase.COMPILE):
-            compile_cache = CompileCache(bucket, _compile_shapes(model, config, prepared),
-                                         device)
-            compile_cache.load()
     with timer.phase(Phase.STEPS), stop.deferred():
         loop = trainer.run(
             total,
@@ -429,20 +431,25 @@ def _hit_or_miss(hit: bool | None) -> str | None:
     return None if hit is None else ("hit" if hit else "miss")
 
 
-def _compile_shapes(model: Any, config: Any, prepared: Any) -> dict[str, Any]:
-    """What torch.compile's output depends on in this run, besides GPU and torch."""
+def _compile_shapes(model: Any, config: Any, resolution: int) -> dict[str, Any]:
+    """What torch.compile's output depends on in this run, besides GPU and torch.
+
+    Settings rather than their resolved values ("auto" precision and gradient
+    checkpointing resolve the same way on the same GPU type, which is in the key).
+    """
     import hashlib
     import json
 
     unet = json.dumps(dict(model.unet.config), sort_keys=True, default=str)
     return {
         "unet": hashlib.sha256(unet.encode()).hexdigest()[:16],
-        "resolution": prepared.resolution,
-        "samplesPerStep": prepared.trainer.samples_per_step,
+        "resolution": resolution,
+        "batch": config.train_batch_size,
+        "prior": config.prior_preservation,
         "rank": config.lora_rank,
         "trainTextEncoder": config.train_text_encoder,
-        "mixedPrecision": prepared.mixed_precision,
-        "gradientCheckpointing": prepared.gradient_checkpointing,
+        "mixedPrecision": config.mixed_precision,
+        "gradientCheckpointing": config.gradient_checkpointing,
     }
 
 
