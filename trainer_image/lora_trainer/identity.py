@@ -349,7 +349,9 @@ def face_distances(images: Sequence[Any],
 
     distances: list[float | None] = []
     for image in images:
-        found = faces.analyze_faces(image.convert("RGB"))
+        # HOG only: the samples are frontal portrait prompts, and the CNN fallback costs
+        # seconds of the GPU worker's CPU per faceless sample (random or early weights).
+        found = faces.analyze_faces(image.convert("RGB"), cnn_fallback=False)
         distances.append(None if not found else reference_distance(
             found[0].embedding, references, faces.embedding_distance))
     return distances
