@@ -20,6 +20,7 @@ import pytest
 from actorgen import schema
 from actorgen.config import Settings
 from actorgen.schema import Field, ImageField, ImageStatus, JobStatus, ModelStatus
+from lora_trainer.timing import Phase
 from tests import photos
 
 pytestmark = pytest.mark.e2e
@@ -139,6 +140,11 @@ def test_uploads_to_completed_model(
     assert job[Field.TRAINED_MODEL_ID]
     actor = actor_ref.get().to_dict()
     assert actor[Field.MODEL_STATUS] == ModelStatus.READY
+    # The trainer's last write (the completing write's own duration) follows the
+    # completion; wait for it, so what comes after reads the job as the trainer left it.
+    job = wait_for("the trainer's final timings", lambda: (
+        lambda doc: doc if Phase.FINAL_WRITE in (doc.get(Field.TIMINGS) or {}) else None
+    )(job_ref.get().to_dict() or {}), 60)
     # Cost: the dispatcher priced the worker from GPU_PRICES (the defaults here), the
     # executor passed it on, and the trainer turned its seconds into an estimate.
     price = Settings().worker_price_per_hour()
