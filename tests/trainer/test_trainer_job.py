@@ -157,6 +157,32 @@ def test_whole_job_from_documents_to_published_lora(emulators: Any, db: Any, buc
     assert job.job(db)[F.STATUS] == S.COMPLETED
 
 
+def _wait_until_unlocked(db: Any, job: SeededJob, timeout: float = 120) -> None:
+    """Wait out the locks of a transaction the SIGKILL cut short.
+
+    Every trainer write is a transaction; a worker killed inside one leaves its locks
+    until the transaction expires (about 60 s, in the emulator as in Firestore), and
+    every other write to those documents is refused meanwhile.
+    """
+    from google.api_core import exceptions as gexc
+    from google.cloud import firestore
+
+    # A write that changes nothing (deleting a field no document has) needs the lock.
+    probe = {"lockProbe": firestore.DELETE_FIELD}
+    refs = [db.collection(schema.TRAINING_JOBS).document(job.job_id),
+            db.collection(schema.ACTORS).document(job.actor_id)]
+    deadline = time.monotonic() + timeout
+    for ref in refs:
+        while True:
+            try:
+                ref.update(probe)
+                break
+            except (gexc.Aborted, gexc.Conflict):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+
 @pytest.mark.parametrize("next_attempt", [False, True], ids=["same-attempt", "next-attempt"])
 def test_killed_run_resumes_to_the_same_step_count(emulators: Any, db: Any, bucket: Any,
                                                    tiny_sd: Path, tmp_path: Path,
@@ -181,6 +207,7 @@ def test_killed_run_resumes_to_the_same_step_count(emulators: Any, db: Any, buck
     finally:
         if proc.poll() is None:
             proc.kill()
+    _wait_until_unlocked(db, job)
     killed_at = job.job(db)
     assert killed_at[F.STATUS] in (S.PREPARING, S.TRAINING)
     assert proc.returncode == -signal.SIGKILL
