@@ -28,21 +28,10 @@ def put_actor(db: Any, owner: str, accepted: int = 5, **fields: Any) -> str:
     return actor_id
 
 
-def put_queued_job(
-    db: Any,
-    owner: str,
-    *,
-    actor_id: str | None = None,
-    queued_at: datetime | None = None,
-    priority: int = 0,
-    job_id: str | None = None,
-    **fields: Any,
-) -> str:
-    """A job as intake leaves it: queued, released, attempt 0; its actor follows it."""
-    job_id = job_id or new_id("job")
-    actor_id = actor_id or put_actor(db, owner)
-    when = queued_at or datetime.now(UTC)
-    data = {
+def queued_job_data(owner: str, actor_id: str, when: datetime, *,
+                    priority: int = 0) -> dict[str, Any]:
+    """A job document as intake leaves it: queued, due at ``when``, attempt 0."""
+    return {
         Field.USER_ID: owner,
         Field.ACTOR_ID: actor_id,
         Field.INSTANCE_NAME: "sks_person",
@@ -56,6 +45,22 @@ def put_queued_job(
         Field.PRIORITY: priority,
         Field.ERROR: None,
     }
+
+
+def put_queued_job(
+    db: Any,
+    owner: str,
+    *,
+    actor_id: str | None = None,
+    queued_at: datetime | None = None,
+    priority: int = 0,
+    job_id: str | None = None,
+    **fields: Any,
+) -> str:
+    """A job as intake leaves it: queued, released, attempt 0; its actor follows it."""
+    job_id = job_id or new_id("job")
+    actor_id = actor_id or put_actor(db, owner)
+    data = queued_job_data(owner, actor_id, queued_at or datetime.now(UTC), priority=priority)
     data.update(fields)
     db.collection(schema.TRAINING_JOBS).document(job_id).set(data)
     db.collection(schema.ACTORS).document(actor_id).update(

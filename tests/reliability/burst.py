@@ -34,6 +34,7 @@ from actorgen.config import Settings  # noqa: E402
 from actorgen.executors import ExecutorState  # noqa: E402
 from actorgen.schema import Field, JobStatus  # noqa: E402
 
+from tests.functions.jobdocs import queued_job_data  # noqa: E402
 from tests.reliability.folder_executor import FolderExecutor  # noqa: E402
 
 #: Longest one proof waits for its passes (a stalled pass is a finding, not a hang).
@@ -49,19 +50,8 @@ def seed_queued_jobs(db: Any, count: int, users: int, *, prefix: str = "burst") 
         job_id = f"{prefix}-{i:04d}"
         user = f"{prefix}-user-{i % users:03d}"
         when = now - timedelta(seconds=count - i)
-        batch.set(db.collection(schema.TRAINING_JOBS).document(job_id), {
-            Field.USER_ID: user,
-            Field.ACTOR_ID: f"{prefix}-actor-{i:04d}",
-            Field.INSTANCE_NAME: "sks_person",
-            Field.BASE_MODEL_ID: "stable-diffusion-v1-5/stable-diffusion-v1-5",
-            Field.STATUS: JobStatus.QUEUED,
-            Field.QUEUED_AT: when,
-            Field.NEXT_ATTEMPT_AT: when,
-            Field.ATTEMPT: 0,
-            Field.MAX_ATTEMPTS: 3,
-            Field.ATTEMPT_HISTORY: [],
-            Field.PRIORITY: 0,
-        })
+        batch.set(db.collection(schema.TRAINING_JOBS).document(job_id),
+                  queued_job_data(user, f"{prefix}-actor-{i:04d}", when))
         ids.append(job_id)
         if len(ids) % 400 == 0:
             batch.commit()
