@@ -139,15 +139,7 @@ def test_the_same_photo_twice_at_once_is_accepted_once(
 ) -> None:
     data = photos.jpeg(photos.portrait(4))
     events = [put(bucket, owner, actor_id, f"copy{i}.jpg", data) for i in range(2)]
-    outcomes: list[str] = []
-    threads = [
-        threading.Thread(target=lambda e=e: outcomes.append(validate(e, db, bucket)))
-        for e in events
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = _validate_at_once(events, db, bucket)
     assert sorted(outcomes) == [Outcome.ACCEPTED, Outcome.REJECTED]
     actor = db.collection(schema.ACTORS).document(actor_id).get().to_dict()
     assert actor[Field.ACCEPTED_IMAGE_COUNT] == 1
