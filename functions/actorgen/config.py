@@ -239,8 +239,9 @@ SWEEP_MAX_AGE_SECONDS = IntParam(
 TRAINER_ARGS = StringParam(
     "TRAINER_ARGS",
     default="",
-    description="Extra `python -m lora_trainer` options for every job, e.g. '--compile' for "
-    "long trainings or '--checkpoint-every 100' (see the trainer's --help).",
+    description="Extra `python -m lora_trainer` options for every job, e.g. '--compile "
+    "regional' for long trainings, '--gpu-memory-gib 24' to plan memory for an L4 or "
+    "'--checkpoint-every 100' (see the trainer's --help).",
 )
 UPLOAD_SWEEP_MAX_SECONDS = IntParam(
     "UPLOAD_SWEEP_MAX_SECONDS",

@@ -177,5 +177,7 @@ def test_settings_that_do_not_change_training_leave_the_fingerprint_alone() -> N
     config = cfg.TrainConfig.from_job("j1", 1, _job())
     other = cfg.TrainConfig.from_job("j2", 3, _job(), checkpoint_every=7, keep_checkpoints=3,
                                      report_every_seconds=1.0, num_samples=1,
-                                     compile_unet=True, gradient_checkpointing="on")
+                                     compile_mode="regional", cuda_graphs=False,
+                                     fused_lora=False, gpu_memory_gib=24.0,
+                                     gradient_checkpointing="on")
     assert other.training_fingerprint() == config.training_fingerprint()

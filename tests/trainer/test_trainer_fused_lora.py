@@ -273,11 +273,11 @@ def test_training_steps_end_with_the_same_lora_weights(tiny_sd: Path,
                                                        face_pixels: torch.Tensor) -> None:
     states = []
     for fuse in (False, True):
-        config = _config(tiny_sd, max_train_steps=4)
+        config = _config(tiny_sd, max_train_steps=4, fused_lora=fuse)
         model = models.load_base_model(config, CPU)
-        trainer = training.build_trainer(model, config, face_pixels).trainer
-        if fuse:
-            assert fuse_lora_projections(trainer.unet) == 8
+        prepared = training.build_trainer(model, config, face_pixels)
+        trainer = prepared.trainer
+        assert prepared.fused_attention == (8 if fuse else 0)
         result = trainer.run(4, report_every_seconds=1e9, progress_bar=False)
         assert result.steps == 4
         states.append(trainer.trainable_state())

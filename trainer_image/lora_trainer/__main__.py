@@ -4,7 +4,7 @@ The container's ENTRYPOINT, the LocalExecutor and the tests all start the
 trainer exactly like this. Job id, attempt, project and bucket fall back to
 the environment variables named in ``actorgen.schema``; ``ACTORGEN_TRAINER_ARGS``
 adds operator defaults for any other option (e.g. ``--sample-steps 10`` for a
-local demo, or ``--compile`` on a Vertex deployment) that the command line overrides.
+local demo, or ``--compile regional`` on a Vertex deployment) that the command line overrides.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from actorgen import schema
 
-from .config import DEFAULT_FACE_LOSS_WEIGHT, MIXED_PRECISION_CHOICES
+from .config import COMPILE_MODES, DEFAULT_FACE_LOSS_WEIGHT, MIXED_PRECISION_CHOICES
 
 
 def _env_int(name: str) -> int | None:
@@ -78,8 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "identity score")
     p.add_argument("--min-free-disk-mb", type=float, default=None,
                    help="refuse to start with less free disk (default 2048)")
-    p.add_argument("--compile", action="store_true", default=None, dest="compile_unet",
-                   help="torch.compile the UNet (pays off only for long runs)")
+    p.add_argument("--compile", nargs="?", const="regional", default=None,
+                   choices=COMPILE_MODES, dest="compile_mode",
+                   help="torch.compile the UNet: regional (its repeated blocks; the "
+                        "default of a bare --compile), full, or off (default)")
+    p.add_argument("--no-cuda-graphs", action="store_false", default=None, dest="cuda_graphs",
+                   help="compile without CUDA graphs (torch.compile's default mode)")
+    p.add_argument("--no-fused-lora", action="store_false", default=None, dest="fused_lora",
+                   help="compute q, k and v and their LoRAs one projection at a time")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="GPU memory the run may use (default: the whole GPU); gradient "
+                        "checkpointing turns on when a measured step does not fit")
     p.add_argument("--push-to-hub", action="store_true", default=_env_flag(schema.ENV_HF_PUSH),
                    help="also push the trained LoRA to a private Hugging Face Hub repo "
                         f"(env {schema.ENV_HF_PUSH}=1; off by default: a token alone, "
@@ -154,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         "identity_samples": args.identity_samples,
         "identity_sample_steps": args.identity_sample_steps,
         "publish_best_identity": args.publish_best_identity,
-        "compile_unet": args.compile_unet,
+        "compile_mode": args.compile_mode,
+        "cuda_graphs": args.cuda_graphs,
+        "fused_lora": args.fused_lora,
+        "gpu_memory_gib": args.gpu_memory_gib,
         "min_free_disk_bytes": (None if args.min_free_disk_mb is None
                                 else int(args.min_free_disk_mb * 1024 * 1024)),
     }

@@ -8,7 +8,13 @@ a training job. Prints one JSON line per model with steady-state samples/s
 
     python -m lora_trainer.bench --model sd15 --steps 60 --warmup 10
     python -m lora_trainer.bench --model sd15,sdxl --batch 4 --out results.jsonl
+    python -m lora_trainer.bench --model sd15 --compile regional --gpu-memory-gib 24
     python -m lora_trainer.bench --model sd15 --size tiny --device cpu --steps 3   # smoke test
+
+Each line also gives ``aten_ops_per_step``: the PyTorch operators one eager
+step dispatches (each at least one kernel launch on a GPU; the host-bound
+step's cost), counted on any device, so ``--no-fused-lora`` against the
+default shows what the fusion saves even on the CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .config import MIXED_PRECISION_CHOICES
+from .config import COMPILE_MODES, MIXED_PRECISION_CHOICES
 
 MODELS = {"sd15": "sd", "sdxl": "sdxl"}
 
@@ -31,6 +37,45 @@ MODELS = {"sd15": "sd", "sdxl": "sdxl"}
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class AtenOpCounter:
+    """Counts the PyTorch operators dispatched while active, by name.
+
+    A ``TorchDispatchMode``: it sees every ATen call below autograd, forward and
+    backward alike, on any device. ``_local_scalar_dense`` is a read of a tensor's
+    value by the host (``.item()``, ``bool(t)``): a synchronisation on a GPU.
+    """
+
+    def __init__(self) -> None:
+        from collections import Counter
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts: Counter[str] = Counter()
+        self.counts = counts
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                counts[func.overloadpacket.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+
+    def __enter__(self) -> AtenOpCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def host_reads(self) -> int:
+        return self.counts["_local_scalar_dense"]
 
 
 def synthetic_photos(count: int, resolution: int, seed: int = 0) -> torch.Tensor:
@@ -60,7 +105,9 @@ def run_one(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
         base_model_id=info.model_id, max_train_steps=args.warmup + args.steps,
         train_batch_size=args.batch, lora_rank=args.rank, lora_alpha=args.rank,
         resolution=resolution, learning_rate=1e-4, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, compile_unet=args.compile,
+        gradient_checkpointing=args.gradient_checkpointing, compile_mode=args.compile,
+        cuda_graphs=not args.no_cuda_graphs, fused_lora=not args.no_fused_lora,
+        gpu_memory_gib=args.gpu_memory_gib,
         prior_preservation=args.prior, num_class_images=4, sample_steps=2,
         train_text_encoder=args.train_text_encoder, seed=args.seed,
         max_grad_norm=args.max_grad_norm,
@@ -90,6 +137,12 @@ def run_one(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
     steady_s = time.perf_counter() - t0
     samples = args.steps * trainer.samples_per_step
     sps = samples / steady_s
+    ops = None
+    if config.compile_mode == "off":  # compiled regions do not dispatch op by op
+        with AtenOpCounter() as counter:
+            trainer.train_step()
+        _sync(device)
+        ops = counter.total
     if args.profile:
         _profile(trainer, args.warmup + args.steps, device)
     out: dict[str, Any] = {
@@ -104,6 +157,10 @@ def run_one(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
         "mixed_precision": prepared.mixed_precision,
         "gradient_checkpointing": prepared.gradient_checkpointing,
         "compile": args.compile,
+        "compiled_regions": prepared.compiled_regions,
+        "cuda_graphs": trainer.cuda_graphs,
+        "fused_attention_modules": prepared.fused_attention,
+        "aten_ops_per_step": ops,
         "prior_preservation": args.prior,
         "train_text_encoder": args.train_text_encoder,
         "warmup_steps": args.warmup,
@@ -116,7 +173,12 @@ def run_one(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
         "warmup_seconds": round(warmup_s, 1),
         "steady_seconds": round(steady_s, 2),
     }
+    if prepared.memory is not None and prepared.memory.step_bytes is not None:
+        out["probe_step_gib"] = round(prepared.memory.step_bytes / 2**30, 2)
+        out["memory_budget_gib"] = round(prepared.memory.budget_bytes / 2**30, 2)
     if device.type == "cuda":
+        out["peak_memory_gib_reserved"] = round(
+            torch.cuda.max_memory_reserved(device) / 2**30, 2)
         out["peak_memory_gib_steady"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         out["peak_memory_gib_total_process"] = round(
             torch.cuda.memory_stats(device).get("allocated_bytes.all.peak", 0) / 2**30, 2)
@@ -165,7 +227,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=8, help="synthetic photos in the cache")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES, default="auto")
     p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--compile", nargs="?", const="regional", default="off", choices=COMPILE_MODES,
+                   help="torch.compile the UNet: regional (a bare --compile) or full")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="compile without CUDA graphs")
+    p.add_argument("--no-fused-lora", action="store_true",
+                   help="q, k, v and their LoRAs one projection at a time")
+    p.add_argument("--gpu-memory-gib", type=float, default=0.0,
+                   help="plan memory for a GPU of this size (e.g. 24 for an L4)")
     p.add_argument("--prior", action="store_true", help="prior preservation (2x samples)")
     p.add_argument("--train-text-encoder", action="store_true")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)

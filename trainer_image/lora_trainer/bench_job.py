@@ -56,7 +56,9 @@ def run_whole_job(args: argparse.Namespace, timer: PhaseTimer) -> dict[str, Any]
             base_model_id=info.model_id, max_train_steps=args.steps,
             train_batch_size=args.batch, lora_rank=args.rank, lora_alpha=args.rank,
             resolution=resolution, mixed_precision=args.mixed_precision,
-            compile_unet=args.compile, prior_preservation=args.prior,
+            compile_mode=args.compile, cuda_graphs=not args.no_cuda_graphs,
+            fused_lora=not args.no_fused_lora, gpu_memory_gib=args.gpu_memory_gib,
+            prior_preservation=args.prior,
             num_class_images=args.num_class_images, sample_steps=args.sample_steps,
             num_samples=args.num_samples, checkpoint_every=args.checkpoint_every,
             seed=args.seed, identity_checkpoints=args.identity_checkpoints,
@@ -98,7 +100,7 @@ def run_whole_job(args: argparse.Namespace, timer: PhaseTimer) -> dict[str, Any]
                            on_step=identity.step_hook(tracker, trainer, timer))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    if config.compile_unet:
+    if config.compile_mode != "off":
         timer.move(Phase.STEPS, Phase.COMPILE, loop.first_step_overhead_seconds)
     with timer.phase(Phase.EXPORT):
         eval_end = trainer.fixed_noise_loss(seed=config.seed)
@@ -121,7 +123,10 @@ def run_whole_job(args: argparse.Namespace, timer: PhaseTimer) -> dict[str, Any]
         "samples_per_step": trainer.samples_per_step,
         "resolution": prepared.resolution,
         "mixed_precision": prepared.mixed_precision,
-        "compile": config.compile_unet,
+        "compile": config.compile_mode,
+        "cuda_graphs": trainer.cuda_graphs,
+        "fused_attention_modules": prepared.fused_attention,
+        "gradient_checkpointing": prepared.gradient_checkpointing,
         "prior_preservation": config.prior_preservation,
         "samples_per_second_steps": round(
             config.max_train_steps * trainer.samples_per_step / steps_s, 2) if steps_s else None,
@@ -147,7 +152,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--images", type=int, default=10, help="photos (with flips: twice as many)")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES, default="auto")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", nargs="?", const="regional", default="off",
+                   choices=("off", "regional", "full"),
+                   help="torch.compile the UNet: regional (a bare --compile) or full")
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-fused-lora", action="store_true")
+    p.add_argument("--gpu-memory-gib", type=float, default=0.0,
+                   help="plan memory for a GPU of this size (e.g. 24 for an L4)")
     p.add_argument("--prior", action="store_true", help="prior preservation (class images)")
     p.add_argument("--num-class-images", type=int, default=50)
     p.add_argument("--sample-steps", type=int, default=30)

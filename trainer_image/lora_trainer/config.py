@@ -29,6 +29,9 @@ DEFAULT_SAMPLE_PROMPTS: Final = (
 #: optimiser state stay fp32); fewer casts and kernel launches than "bf16" (autocast).
 MIXED_PRECISION_CHOICES: Final = ("auto", "no", "fp16", "bf16", "bf16-pure")
 GRADIENT_CHECKPOINTING_CHOICES: Final = ("auto", "on", "off")
+#: torch.compile of the UNet: none, only its repeated blocks (compiles in a fraction of
+#: the time, one cached graph per block shape), or the whole UNet (compilation.py).
+COMPILE_MODES: Final = ("off", "regional", "full")
 #: Face region twice as heavy as the background: about a quarter of the loss's weight
 #: then falls on the face instead of a seventh (face_loss.py), while hair, shoulders
 #: and backdrop still count.
@@ -44,7 +47,10 @@ MAX_FACE_LOSS_WEIGHT: Final = 20.0
 NOT_TRAINING_FIELDS: Final = frozenset({
     "job_id", "attempt", "user_id", "actor_id",
     "checkpoint_every", "keep_checkpoints", "report_every_seconds", "min_free_disk_bytes",
-    "num_samples", "compile_unet", "gradient_checkpointing",
+    "num_samples", "gradient_checkpointing",
+    # Speed and memory only: the same maths on the same parameters (fused_lora.py,
+    # compilation.py, memory.py), so a checkpoint resumes under any of their values.
+    "compile_mode", "cuda_graphs", "fused_lora", "gpu_memory_gib",
     # The identity score only reads the weights; its state in a checkpoint carries
     # these settings and is dropped when they differ (identity.IdentityTracker).
     "identity_checkpoints", "identity_fraction", "identity_samples", "identity_sample_steps",
@@ -105,7 +111,14 @@ class TrainConfig:
     num_samples: int = 4
     sample_steps: int = 30
     guidance_scale: float = 7.0
-    compile_unet: bool = False
+    compile_mode: str = "off"
+    #: With compilation on a GPU: replay CUDA graphs (torch.compile's "reduce-overhead").
+    cuda_graphs: bool = True
+    #: One matmul for q/k/v (and k/v of cross-attention) and their LoRAs (fused_lora.py).
+    fused_lora: bool = True
+    #: GPU memory the run may use, GiB (0: the whole GPU). Gradient checkpointing "auto"
+    #: turns on when a measured step does not fit (memory.py); 24 plans for an L4.
+    gpu_memory_gib: float = 0.0
     min_free_disk_bytes: int = 2 * 1024**3
 
     def __post_init__(self) -> None:
@@ -115,6 +128,11 @@ class TrainConfig:
             raise TrainerError(
                 f"gradient checkpointing must be one of {GRADIENT_CHECKPOINTING_CHOICES}"
             )
+        if self.compile_mode not in COMPILE_MODES:
+            raise TrainerError(f"compile mode must be one of {COMPILE_MODES}, "
+                               f"not {self.compile_mode!r}")
+        if self.gpu_memory_gib < 0:
+            raise TrainerError("the GPU memory budget cannot be negative (0: the whole GPU)")
         if self.max_train_steps < 1 or self.train_batch_size < 1:
             raise TrainerError("training needs at least one step and a batch of at least one")
         if self.checkpoint_every < 1:

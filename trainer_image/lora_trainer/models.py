@@ -340,33 +340,6 @@ def lora_modules(model: LoadedModel, config: TrainConfig) -> dict[str, Any]:
     return modules
 
 
-#: Peak GPU memory of the lean loop measured on an H200 (trainer-notes), as
-#: (GiB fixed, GiB per sample at native resolution), rank 16, bf16.
-_MEMORY_MODEL: Final = {SD: (2.05, 1.06), SDXL: (6.6, 7.2)}
-
-
-def estimated_training_memory(kind: str, native_resolution: int, config: TrainConfig) -> float:
-    """Rough peak GPU memory in bytes of a step without gradient checkpointing."""
-    fixed, per_sample = _MEMORY_MODEL[kind]
-    resolution = config.resolution or native_resolution
-    samples = config.train_batch_size * (2 if config.prior_preservation else 1)
-    gib = fixed + per_sample * samples * (resolution / native_resolution) ** 2
-    if config.train_text_encoder:
-        gib += 1.0
-    return gib * 1024**3
-
-
-def want_gradient_checkpointing(model: LoadedModel, config: TrainConfig) -> bool:
-    """On when asked, or when the step would not fit in 85% of the GPU's memory."""
-    if config.gradient_checkpointing != "auto":
-        return config.gradient_checkpointing == "on"
-    if model.device.type != "cuda":
-        return False
-    total = torch.cuda.get_device_properties(model.device).total_memory
-    needed = estimated_training_memory(model.kind, model.info.native_resolution, config)
-    return needed > 0.85 * total
-
-
 def enable_gradient_checkpointing(model: LoadedModel, config: TrainConfig) -> None:
     model.unet.enable_gradient_checkpointing()
     if config.train_text_encoder:

@@ -222,7 +222,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
         log.info("base model %s from %s (revision %s)", config.base_model_id, source.origin,
                  source.revision)
         compile_cache = None
-        if config.compile_unet:  # before anything runs the compiled UNet
+        if config.compile_mode != "off":  # before anything runs the compiled UNet
             with timer.phase(Phase.COMPILE):
                 compile_cache = CompileCache(bucket, _compile_shapes(model, config, resolution),
                                              device)
@@ -266,7 +266,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             log.info("resuming from the checkpoint at step %d", resumed_from)
         else:
             # With --compile this first forward pass compiles the evaluation graph.
-            with timer.phase(Phase.COMPILE if config.compile_unet else Phase.SETUP):
+            with timer.phase(Phase.COMPILE if config.compile_mode != "off" else Phase.SETUP):
                 meta["evalLossStart"] = trainer.fixed_noise_loss(seed=config.seed)
 
     total = config.max_train_steps
@@ -299,7 +299,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             progress_bar=options.progress_bar,
             on_step=identity.step_hook(tracker, trainer, timer),
         )
-    if config.compile_unet:
+    if config.compile_mode != "off":
         # torch.compile compiles in the first step: what it took beyond a usual step.
         timer.move(Phase.STEPS, Phase.COMPILE, loop.first_step_overhead_seconds)
     if compile_cache is not None:
@@ -327,6 +327,12 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             "resolution": prepared.resolution,
             "mixedPrecision": prepared.mixed_precision,
             "gradientCheckpointing": prepared.gradient_checkpointing,
+            # Speed and memory (docs/trainer.md, "Faster steps"): measured, not estimated.
+            "fusedAttention": prepared.fused_attention,
+            "compile": config.compile_mode,
+            "compiledRegions": prepared.compiled_regions,
+            "cudaGraphs": prepared.trainer.cuda_graphs,
+            **_memory_metrics(prepared.memory, device),
             "faceLossWeight": config.face_loss_weight,
             "faceWeightedPhotos": prepared.face_weighted_photos,
             "noiseOffset": config.noise_offset,
@@ -427,6 +433,27 @@ def delete_checkpoints(bucket: Any, options: RunOptions) -> None:
         log.warning("could not delete the checkpoints of job %s: %s", options.job_id, err)
 
 
+def _memory_metrics(plan: Any, device: Any) -> dict[str, Any]:
+    """The GPU memory the run took (the allocator's peak) and what its probe measured."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    gib = 1024**3
+    out: dict[str, Any] = {
+        "peakGpuMemoryGiB": round(torch.cuda.max_memory_reserved(device) / gib, 2),
+        "gpuMemoryGiB": round(torch.cuda.get_device_properties(device).total_memory / gib, 2),
+    }
+    if plan is not None:
+        out["memoryBudgetGiB"] = round(plan.budget_bytes / gib, 2)
+        if plan.step_bytes is not None:
+            out["probeStepGiB"] = round(plan.step_bytes / gib, 2)
+        if plan.step_bytes_without_checkpointing is not None:
+            out["probeStepWithoutCheckpointingGiB"] = round(
+                plan.step_bytes_without_checkpointing / gib, 2)
+    return out
+
+
 def _hit_or_miss(hit: bool | None) -> str | None:
     return None if hit is None else ("hit" if hit else "miss")
 
@@ -450,6 +477,10 @@ def _compile_shapes(model: Any, config: Any, resolution: int) -> dict[str, Any]:
         "trainTextEncoder": config.train_text_encoder,
         "mixedPrecision": config.mixed_precision,
         "gradientCheckpointing": config.gradient_checkpointing,
+        # Different programs to compile: fused projections, regions, CUDA graphs.
+        "fusedLora": config.fused_lora,
+        "compile": config.compile_mode,
+        "cudaGraphs": config.cuda_graphs,
     }
 
 

@@ -36,6 +36,7 @@ ClassLatentsSource = Callable[[LoadedModel, TrainConfig, int, Callable[[], Laten
 
 if TYPE_CHECKING:
     from .face_loss import PixelBox
+    from .memory import MemoryPlan
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ class LoraTrainer:
             betas=(0.9, 0.999),
             weight_decay=config.adam_weight_decay,
             eps=1e-8,
-            # One kernel for all parameters instead of several per tensor.
-            fused=model.device.type == "cuda",
+            # One kernel for all parameters instead of several per tensor, and its step
+            # count stays on the device (the foreach version reads it on the host).
+            fused=model.device.type in ("cuda", "cpu"),
         )
         lr_scheduler = get_scheduler(
             "constant_with_warmup",
@@ -132,6 +134,8 @@ class LoraTrainer:
         self._sqrt_alpha = alphas_cumprod.sqrt()
         self._sqrt_one_minus_alpha = (1.0 - alphas_cumprod).sqrt()
         self._snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        #: Set by build_trainer when compiled regions replay CUDA graphs.
+        self.cuda_graphs = False
 
     # ------------------------------------------------------------------ step
     def _draw(self, stats: LatentStats, count: int) -> torch.Tensor:
@@ -218,6 +222,34 @@ class LoraTrainer:
 
     def train_step(self) -> torch.Tensor:
         """One optimisation step; returns the loss as a device tensor (no host sync)."""
+        if self.cuda_graphs:
+            from .compilation import mark_step_begin
+
+            mark_step_begin()
+        loss = self._forward_backward()
+        if self.config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss
+
+    def probe_step(self) -> None:
+        """A step's forward and backward that leaves no trace (memory.py measures it).
+
+        The random state is restored and the gradients dropped: the run that
+        follows draws and trains exactly as it would have without the probe.
+        """
+        state = self.generator.get_state()
+        try:
+            self._forward_backward()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.generator.set_state(state)
+
+    def _forward_backward(self) -> torch.Tensor:
+        """Draw a batch, compute the loss and its gradients; the loss, detached."""
         batch = self.config.train_batch_size
         latents, index = self._draw_indexed(self.data.instance, batch)
         weights = self.data.instance_weights
@@ -241,12 +273,6 @@ class LoraTrainer:
         if self.data.class_latents is not None:
             loss = loss + self.config.prior_loss_weight * per_sample[batch:].mean()
         self.accelerator.backward(loss)
-        if self.config.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
         return loss.detach()
 
     # ------------------------------------------------------------- evaluation
@@ -263,6 +289,10 @@ class LoraTrainer:
         latents = self.data.instance.mean[:n]
         total = 0.0
         for t in timesteps:
+            if self.cuda_graphs:
+                from .compilation import mark_step_begin
+
+                mark_step_begin()
             noise = torch.randn(latents.shape, device=self.device, generator=gen)
             ts = torch.full((n,), t, device=self.device, dtype=torch.long)
             with self.accelerator.autocast():
@@ -504,6 +534,12 @@ class PreparedTraining:
     mixed_precision: str
     gradient_checkpointing: bool
     face_weighted_photos: int = 0  # photos whose loss is face-weighted
+    #: Attention modules computing q/k/v and their LoRAs fused (fused_lora.py).
+    fused_attention: int = 0
+    #: Regions torch.compile will compile (0: eager).
+    compiled_regions: int = 0
+    #: The measured memory of a step, on a GPU with checkpointing "auto" (memory.py).
+    memory: MemoryPlan | None = None
 
 
 def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
@@ -530,12 +566,10 @@ def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
         tokenize,
     )
     from .face_loss import face_share, instance_weight_maps
-    from .models import (
-        add_lora,
-        enable_gradient_checkpointing,
-        resolve_precision,
-        want_gradient_checkpointing,
-    )
+    from .compilation import compile_unet, uses_cuda_graphs
+    from .fused_lora import fuse_lora_projections
+    from .memory import CudaMemoryMeter, optimizer_state_bytes, plan_memory
+    from .models import add_lora, enable_gradient_checkpointing, resolve_precision
 
     timer = timer or PhaseTimer()
     resolution = int(pixels.shape[-1])
@@ -576,12 +610,11 @@ def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
             model, [config.instance_prompt])
     offload_frozen_encoders(model, keep_text_encoders=config.train_text_encoder)
     params = add_lora(model, config)
-    checkpointing = want_gradient_checkpointing(model, config)
+    fused = fuse_lora_projections(model.unet) if config.fused_lora else 0
+    measure = config.gradient_checkpointing == "auto" and model.device.type == "cuda"
+    checkpointing = config.gradient_checkpointing == "on"
     if checkpointing:
         enable_gradient_checkpointing(model, config)
-    if config.compile_unet:
-        # In place: parameter names (and so checkpoints and exports) stay the same.
-        model.unet.compile()
     data = TrainingData(
         instance=instance,
         instance_tokens=instance_tokens,
@@ -593,12 +626,26 @@ def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
         instance_weights=instance_weights,
     )
     trainer = LoraTrainer(model, config, data, params, mixed_precision)
+    plan = None
+    if measure:  # eager, before compiling: what the step needs as it will train
+        plan = plan_memory(trainer.probe_step,
+                           lambda: enable_gradient_checkpointing(model, config),
+                           CudaMemoryMeter(model.device), gpu_memory_gib=config.gpu_memory_gib,
+                           extra_bytes=optimizer_state_bytes(params))
+        checkpointing = plan.gradient_checkpointing
+    # In place: parameter names (and so checkpoints and exports) stay the same.
+    regions = compile_unet(model.unet, config.compile_mode, device=model.device,
+                           cuda_graphs=config.cuda_graphs)
+    trainer.cuda_graphs = uses_cuda_graphs(config.compile_mode, model.device, config.cuda_graphs)
     log.info(
         "training %s LoRA: %d photos (%d with flips), %d px, batch %d, %s, "
-        "gradient checkpointing %s, prior preservation %s",
+        "gradient checkpointing %s, prior preservation %s, %d fused attention modules, "
+        "compile %s (%d regions%s)",
         model.kind, pixels.shape[0], len(instance), resolution, config.train_batch_size,
         mixed_precision, "on" if checkpointing else "off",
-        "on" if class_latents is not None else "off",
+        "on" if class_latents is not None else "off", fused, config.compile_mode, regions,
+        ", CUDA graphs" if trainer.cuda_graphs else "",
     )
     weighted = 0 if instance_weights is None else sum(b is not None for b in face_boxes or ())
-    return PreparedTraining(trainer, resolution, mixed_precision, checkpointing, weighted)
+    return PreparedTraining(trainer, resolution, mixed_precision, checkpointing, weighted,
+                            fused_attention=fused, compiled_regions=regions, memory=plan)

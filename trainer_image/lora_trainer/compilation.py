@@ -1,0 +1,87 @@
+"""torch.compile of the UNet: off, its repeated blocks only, or all of it.
+
+The eager step is host-bound on a fast GPU: the GPU waits on thousands of
+kernel launches. Compilation fuses the element-wise work between the matmuls,
+and on a GPU CUDA graphs (torch.compile's "reduce-overhead" mode) replay each
+compiled region with one launch.
+
+*Regional* compilation compiles the UNet's repeated blocks (the transformer and
+ResNet blocks) in place. Blocks of one class and shape share one compiled graph,
+so it compiles a handful of graphs instead of one graph of the whole UNet, which
+cuts the first step (about 110 s for a full SD 1.5 compile on an H200) while the
+blocks hold nearly all of the step's work. *Full* compiles the whole UNet in
+place. Either way parameter names, and so checkpoints and exports, stay the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Classes of the UNet's repeated blocks (diffusers' UNet2DConditionModel, SD 1.x/2.x
+#: and SDXL): regional compilation compiles each instance of these.
+REPEATED_BLOCKS: Final = ("BasicTransformerBlock", "ResnetBlock2D")
+
+#: torch.compile's mode that records and replays CUDA graphs.
+CUDA_GRAPHS_MODE: Final = "reduce-overhead"
+
+
+def compile_mode_options(device: torch.device, cuda_graphs: bool) -> dict[str, Any]:
+    """torch.compile's keyword arguments for this device.
+
+    CUDA graphs need a GPU; on the CPU the default mode is the only one that helps.
+    """
+    if cuda_graphs and device.type == "cuda":
+        return {"mode": CUDA_GRAPHS_MODE}
+    return {}
+
+
+def compile_unet(unet: torch.nn.Module, mode: str, *, device: torch.device,
+                 cuda_graphs: bool, backend: str | None = None) -> int:
+    """Compile ``unet`` in place as ``mode`` asks; returns the number of compiled regions.
+
+    0 for "off", 1 for "full", the number of repeated blocks for "regional".
+    ``backend`` replaces Inductor (tests trace with "aot_eager": Dynamo and
+    AOTAutograd as in production, without generating kernels).
+    """
+    if mode == "off":
+        return 0
+    options = compile_mode_options(device, cuda_graphs)
+    if backend is not None:
+        options = {"backend": backend}
+    if mode == "full":
+        unet.compile(**options)
+        return 1
+    if mode != "regional":
+        raise ValueError(f"unknown compile mode {mode!r}")
+    regions = 0
+    for module in unet.modules():
+        if type(module).__name__ in REPEATED_BLOCKS:
+            module.compile(**options)
+            regions += 1
+    if not regions:
+        # A UNet of another design: compile all of it rather than nothing.
+        log.warning("no repeated blocks (%s) in %s: compiling the whole UNet",
+                    ", ".join(REPEATED_BLOCKS), type(unet).__name__)
+        unet.compile(**options)
+        return 1
+    return regions
+
+
+def uses_cuda_graphs(mode: str, device: torch.device, cuda_graphs: bool) -> bool:
+    """Whether a step replays CUDA graphs (and must mark where each step begins)."""
+    return mode != "off" and bool(compile_mode_options(device, cuda_graphs))
+
+
+def mark_step_begin() -> None:
+    """Tell the CUDA graph trees a new step begins.
+
+    Without it, outputs of the previous step's graphs (still referenced by the
+    loss or the optimiser) could be overwritten while in use, and the trees
+    would keep recording new graphs instead of replaying.
+    """
+    torch.compiler.cudagraph_mark_step_begin()
