@@ -63,3 +63,47 @@ def test_cuda_training_resume_and_export(kind: str, tmp_path: Path) -> None:
     assert samples and samples[0].stat().st_size > 0
     pipe = DiffusionPipeline.from_pretrained(base)
     pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+
+
+def _cuda_config(base: Path, **kw: object) -> TrainConfig:
+    return TrainConfig(job_id="j", attempt=1, user_id="u", actor_id="a", instance_name="sks",
+                       base_model_id=str(base), max_train_steps=6, train_batch_size=2,
+                       learning_rate=1e-3, lora_rank=4, lora_alpha=8,
+                       **kw)  # type: ignore[arg-type]
+
+
+def test_the_memory_probe_measures_the_allocator_and_switches_checkpointing_on(
+        tmp_path: Path) -> None:
+    base = synthetic.save_synthetic_model(tmp_path / "sd", "sd")
+    pixels = torch.rand(3, 3, 64, 64) * 2 - 1
+    device = torch.device("cuda")
+    roomy = training.build_trainer(models.load_base_model(_cuda_config(base), device),
+                                   _cuda_config(base), pixels)
+    assert roomy.memory is not None and roomy.memory.step_bytes > 0
+    assert not roomy.gradient_checkpointing  # a tiny model fits any GPU
+    # A budget below the measured step: checkpointing on, and measured again.
+    tight = _cuda_config(base, gpu_memory_gib=roomy.memory.step_bytes / 1024**3 / 2)
+    cramped = training.build_trainer(models.load_base_model(tight, device), tight, pixels)
+    assert cramped.gradient_checkpointing and cramped.trainer.unet.is_gradient_checkpointing
+    assert cramped.memory is not None
+    assert cramped.memory.step_bytes_without_checkpointing is not None
+
+
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_compiled_steps_with_cuda_graphs_train_like_eager_ones(mode: str,
+                                                               tmp_path: Path) -> None:
+    base = synthetic.save_synthetic_model(tmp_path / "sd", "sd")
+    pixels = torch.rand(3, 3, 64, 64) * 2 - 1
+    device = torch.device("cuda")
+    runs = {}
+    for compile_mode in ("off", mode):
+        config = _cuda_config(base, compile_mode=compile_mode, mixed_precision="no")
+        prepared = training.build_trainer(models.load_base_model(config, device), config, pixels)
+        assert prepared.trainer.cuda_graphs is (compile_mode != "off")
+        result = prepared.trainer.run(6, report_every_seconds=1e9, progress_bar=False)
+        runs[compile_mode] = (result.final_loss, prepared.trainer.trainable_state())
+        torch._dynamo.reset()
+    (eager_loss, eager), (compiled_loss, compiled) = runs["off"], runs[mode]
+    assert eager_loss == pytest.approx(compiled_loss, rel=1e-3)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-5)

@@ -111,3 +111,12 @@ def test_full_compilation_is_one_region(tiny_sd: Path, face_pixels: torch.Tensor
     assert compilation.compile_unet(unet, "off", device=torch.device("cpu"),
                                     cuda_graphs=False) == 0
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_the_meta_device_op_count_sees_the_fusion(kind: str) -> None:
+    from lora_trainer.bench import count_unet_step_ops
+
+    fused = count_unet_step_ops(kind, "tiny", fused=True, batch=2, rank=4)
+    unfused = count_unet_step_ops(kind, "tiny", fused=False, batch=2, rank=4)
+    assert 0 < fused < unfused
