@@ -565,3 +565,105 @@ def test_more_than_one_gpu_is_refused_before_any_call(fake: FakeJobService) -> N
         ex.submit(req())
     assert not err.value.retryable
     assert fake.requests == []
+
+
+# ------------------------------------------------------------ persistent resource
+POOL = "actorgen-l4-pool"
+
+
+def test_a_persistent_resource_is_named_in_the_submitted_job(fake: FakeJobService) -> None:
+    ex = build_executor(
+        make_settings(fake, scheduling_strategy="STANDARD", persistent_resource_id=POOL)
+    )
+    name = ex.submit(req()).name
+    spec = fake.calls("CreateCustomJob")[0].custom_job.job_spec
+    assert spec.persistent_resource_id == POOL
+    # The machine spec still travels: Vertex matches it against the resource's pools.
+    machine = spec.worker_pool_specs[0].machine_spec
+    assert (machine.machine_type, machine.accelerator_type, machine.accelerator_count) == (
+        "g2-standard-8", AcceleratorType.NVIDIA_L4, 1
+    )
+    assert spec.scheduling.strategy == Scheduling.Strategy.STANDARD
+    assert spec.service_account == SA
+    assert fake.jobs[name].job_spec.persistent_resource_id == POOL  # as Vertex stored it
+    # Re-driving the attempt finds the job as before: the pool changes nothing there.
+    assert ex.submit(req()).name == name
+    assert len(fake.calls("CreateCustomJob")) == 1
+
+
+def test_without_a_persistent_resource_the_job_names_none(
+    fake: FakeJobService, executor: VertexExecutor
+) -> None:
+    assert executor.settings.persistent_resource_id == ""
+    executor.submit(req())
+    [create] = fake.calls("CreateCustomJob")
+    spec = create.custom_job.job_spec
+    assert spec.persistent_resource_id == ""
+    # Not even an empty value went over the wire: Vertex provisions fresh machines.
+    sent = {f.name for f, _ in type(spec).pb(spec).ListFields()}
+    assert "persistent_resource_id" not in sent and "worker_pool_specs" in sent
+
+
+@pytest.mark.parametrize("strategy", ["SPOT", "FLEX_START"])
+def test_spot_or_flex_start_on_a_persistent_resource_is_refused_before_any_call(
+    fake: FakeJobService, strategy: str
+) -> None:
+    """Jobs on a persistent resource run on machines it already holds: there is nothing to
+    provision as spot or flex-start, so the combination is refused, naming both params."""
+    ex = build_executor(
+        make_settings(fake, scheduling_strategy=strategy, persistent_resource_id=POOL,
+                      max_wait_seconds=600)
+    )
+    with pytest.raises(ExecutorError) as err:
+        ex.submit(req())
+    assert not err.value.retryable
+    text = str(err.value)
+    assert f"scheduling_strategy {strategy}" in text and POOL in text
+    assert "SCHEDULING_STRATEGY to STANDARD" in text and "VERTEX_PERSISTENT_RESOURCE_ID" in text
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"reservation": "l4-reservation"}, "reservation 'l4-reservation' cannot be combined"),
+        (
+            {"persistent_resource_id": f"projects/p/locations/{REGION}/persistentResources/x"},
+            "give the last part",
+        ),
+        ({"persistent_resource_id": "Pool_1"}, "must be a persistent resource ID"),
+    ],
+)
+def test_other_persistent_resource_misconfigurations_are_refused(
+    fake: FakeJobService, overrides: dict[str, str], needle: str
+) -> None:
+    settings = {"scheduling_strategy": "STANDARD", "persistent_resource_id": POOL, **overrides}
+    ex = build_executor(make_settings(fake, **settings))
+    with pytest.raises(ExecutorError, match=needle) as err:
+        ex.submit(req())
+    assert not err.value.retryable and "VERTEX_PERSISTENT_RESOURCE_ID" in str(err.value)
+    assert fake.requests == []
+
+
+def test_a_pool_vertex_rejects_is_named_in_the_error(fake: FakeJobService) -> None:
+    """A pool whose machines differ from the job's (or that is missing or not running) is
+    Vertex's to reject; the error says which pool and what must match."""
+    ex = build_executor(
+        make_settings(fake, scheduling_strategy="STANDARD", persistent_resource_id=POOL)
+    )
+    fake.inject("CreateCustomJob", grpc.StatusCode.INVALID_ARGUMENT, "no matching resource pool")
+    with pytest.raises(ExecutorError) as err:
+        ex.submit(req())
+    assert not err.value.retryable
+    text = str(err.value)
+    assert "no matching resource pool" in text and f"persistent resource '{POOL}'" in text
+    assert "MACHINE_TYPE, ACCELERATOR_TYPE, ACCELERATOR_COUNT" in text
+    assert "--enable-custom-service-account" in text
+    assert fake.jobs == {}
+
+    # Without a pool the hint is not there.
+    plain = build_executor(make_settings(fake))
+    fake.inject("CreateCustomJob", grpc.StatusCode.INVALID_ARGUMENT, "bad machine type")
+    with pytest.raises(ExecutorError) as err:
+        plain.submit(req("other"))
+    assert "persistent resource" not in str(err.value)

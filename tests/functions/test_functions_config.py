@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from actorgen import config, schema
 from actorgen.config import Settings
@@ -58,3 +60,31 @@ def test_trainer_options_and_token_secret_name_reach_the_executor_env() -> None:
         schema.ENV_HF_TOKEN_SECRET: "hf-token",
     }
     assert Settings(gpu_prices="").executor_settings().extra_env == {}
+
+
+def test_the_persistent_resource_param_is_off_by_default_and_reaches_the_executor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Empty by default: a warm pool is billed while idle, so it is never implied.
+    assert config.VERTEX_PERSISTENT_RESOURCE_ID.default == ""
+    assert Settings().executor_settings().persistent_resource_id == ""
+    description = config.VERTEX_PERSISTENT_RESOURCE_ID.description
+    assert "idle" in description and "SCHEDULING_STRATEGY=STANDARD" in description
+
+    monkeypatch.setenv("VERTEX_PERSISTENT_RESOURCE_ID", " actorgen-l4-pool ")
+    monkeypatch.setenv("SCHEDULING_STRATEGY", "standard")
+    s = config.load_settings()
+    assert s.vertex_persistent_resource_id == "actorgen-l4-pool"
+    e = s.executor_settings()
+    assert (e.persistent_resource_id, e.scheduling_strategy) == ("actorgen-l4-pool", "STANDARD")
+
+
+def test_a_persistent_resource_with_spot_is_a_configuration_problem() -> None:
+    ready = Settings(project="p", bucket="b", trainer_image_uri="r/actorgen/lora-trainer:t",
+                     trainer_service_account="actorgen-trainer@",
+                     vertex_persistent_resource_id="actorgen-l4-pool")
+    assert ready.executor_settings().problems() == []  # STANDARD is the default
+    spot = dataclasses.replace(ready, scheduling_strategy="SPOT")
+    [problem] = spot.executor_settings().problems()
+    assert "SCHEDULING_STRATEGY to STANDARD" in problem
+    assert "VERTEX_PERSISTENT_RESOURCE_ID" in problem

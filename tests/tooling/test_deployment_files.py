@@ -84,6 +84,19 @@ def test_every_image_in_the_docs_is_the_one_cloud_build_pushes(build: dict[str, 
     assert seen >= 2  # the README and the guide both show it
 
 
+def test_the_readme_param_table_lists_every_param() -> None:
+    """Every param declared in config.py has a row in the README's table, and no row
+    names a param that does not exist (the table is written by hand)."""
+    from firebase_functions.params import Param
+
+    declared = {v.name for v in vars(config).values() if isinstance(v, Param)}
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \|", text, flags=re.MULTILINE)
+    assert len(rows) == len(set(rows)), "a param has two rows"
+    assert set(rows) == declared
+    assert rows == sorted(rows)  # alphabetical, as written
+
+
 def _as_cloud_build_runs_it(script: str, substitutions: dict[str, str]) -> str:
     """Cloud Build's own pass over a step: ``$$`` is a dollar, ``$X``/``${X}`` its value."""
     def one(match: re.Match[str]) -> str:

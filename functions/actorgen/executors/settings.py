@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -34,6 +35,68 @@ TRAINER_IDENTITY_MISSING: Final = (
 )
 
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "ip6-localhost"})
+
+#: A PersistentResource ID, as CreatePersistentResourceRequest.persistent_resource_id
+#: defines it (google.cloud.aiplatform_v1): at most 63 characters, lowercase letters,
+#: digits and hyphens, starting with a letter. CustomJobSpec takes the ID, not the name.
+_PERSISTENT_RESOURCE_ID: Final = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+#: Scheduling strategies that only describe how Vertex obtains a job's own machines.
+#: See persistent_resource_problems.
+_PROVISIONING_STRATEGIES: Final = (SCHEDULING_SPOT, SCHEDULING_FLEX_START)
+
+
+def persistent_resource_problems(
+    persistent_resource_id: str, scheduling_strategy: str, reservation: str = ""
+) -> list[str]:
+    """Why a job cannot run on this persistent resource with these settings (no I/O).
+
+    A CustomJob whose ``job_spec.persistent_resource_id`` is set "will be run on
+    existing machines held by the PersistentResource instead of on-demand short-live
+    machines" (aiplatform_v1 CustomJobSpec). Those machines exist from the resource's
+    creation and are billed while it runs; its ResourcePool says which machines
+    (machine spec, replica count, boot disk, autoscaling), and nothing in it selects
+    spot or flex-start capacity. SPOT ("uses spot resources") and FLEX_START ("uses DWS
+    to queue for resources"; max_wait_duration bounds the wait "for the requested
+    resources to be provisioned") only choose how Vertex obtains a job's *own*
+    machines, which never happens on a persistent resource. Neither the API reference
+    nor the persistent-resource guides say what either means on one, so we refuse
+    before submitting, naming the two params to reconcile. Dropping the strategy with a warning would leave an
+    operator who asked for cheap preemptible GPUs paying for an on-demand pool, with
+    jobs costed at SPOT prices. Reservations are refused for the same reason, and
+    because Vertex's "use reservations with training" guide lists training on a
+    persistent resource among what reservations do not support.
+    """
+    if not persistent_resource_id:
+        return []
+    out: list[str] = []
+    if not _PERSISTENT_RESOURCE_ID.match(persistent_resource_id):
+        hint = (
+            " (give the last part of projects/P/locations/R/persistentResources/ID only)"
+            if "/" in persistent_resource_id
+            else ""
+        )
+        out.append(
+            "persistent_resource_id (functions param VERTEX_PERSISTENT_RESOURCE_ID) must be "
+            "a persistent resource ID: up to 63 lowercase letters, digits and hyphens, "
+            f"starting with a letter{hint}; got {persistent_resource_id!r}"
+        )
+    if scheduling_strategy in _PROVISIONING_STRATEGIES:
+        out.append(
+            f"scheduling_strategy {scheduling_strategy} cannot be combined with a persistent "
+            f"resource ({persistent_resource_id!r}): jobs on it run on machines the resource "
+            "already holds, so there is nothing to provision as spot or flex-start. Set the "
+            "functions param SCHEDULING_STRATEGY to STANDARD, or clear "
+            "VERTEX_PERSISTENT_RESOURCE_ID to get fresh machines per job"
+        )
+    if reservation:
+        out.append(
+            f"reservation {reservation!r} cannot be combined with a persistent resource "
+            f"({persistent_resource_id!r}): a job on it runs on the resource's machines, "
+            "and Vertex does not support reservations with persistent resources for "
+            "training; clear the reservation or VERTEX_PERSISTENT_RESOURCE_ID"
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -63,6 +126,11 @@ class ExecutorSettings:
     service_account: str = ""  # the trainer's identity; required for vertex
     network: str = ""  # projects/{number}/global/networks/{name}; "" = none
     reservation: str = ""  # a Compute Engine reservation name (SPECIFIC_RESERVATION)
+    #: The ID of a Vertex AI PersistentResource (a warm pool) in this project and region
+    #: that every job runs on; "" = fresh machines per job. Its pool must match the
+    #: machine spec above (Vertex rejects the job otherwise); see
+    #: persistent_resource_problems for the settings it excludes.
+    persistent_resource_id: str = ""
     api_endpoint: str = ""  # "" = f"{region}-aiplatform.googleapis.com"
     anonymous_credentials: bool = False  # tests against the fake JobService only
     restart_job_on_worker_restart: bool = True
@@ -140,6 +208,11 @@ class ExecutorSettings:
                 out.append(f"timeout_seconds must be > 0, got {self.timeout_seconds}")
             if self.max_wait_seconds < 0:
                 out.append(f"max_wait_seconds must be >= 0, got {self.max_wait_seconds}")
+            out.extend(
+                persistent_resource_problems(
+                    self.persistent_resource_id, self.scheduling_strategy, self.reservation
+                )
+            )
             if self.trainer_image_uri and (
                 " " in self.trainer_image_uri or "/" not in self.trainer_image_uri
             ):

@@ -44,6 +44,7 @@ STATE_MAP: dict[str, ExecutorState] = {
 _JOB_NAME = re.compile(r"^projects/[^/]+/locations/[^/]+/customJobs/[^/]+$")
 _RESERVATION_KEY = "compute.googleapis.com/reservation-name"
 _LIST_PAGE_SIZE = 50
+_CREATE = "create the custom job"  # the action named in create errors
 
 # Two dispatches of the same attempt inside one process (threads, or two executor
 # objects) must not both get past find(); striped locks keep the table bounded.
@@ -227,7 +228,7 @@ class VertexExecutor:
                 retryable=True,
             ) from exc
         except Exception as exc:
-            err = _map_error(exc, "create the custom job", self.settings)
+            err = _map_error(exc, _CREATE, self.settings)
             if err.retryable:
                 # The request may have reached Vertex before the failure.
                 found = self._find_after_error(request)
@@ -235,8 +236,14 @@ class VertexExecutor:
                     return found
             raise err from exc
         job = self._to_job(created)
+        on = (
+            f" on persistent resource {self.settings.persistent_resource_id}"
+            if self.settings.persistent_resource_id
+            else ""
+        )
         log.info(
-            "submitted job %s attempt %d to Vertex as %s", request.job_id, request.attempt, job.name
+            "submitted job %s attempt %d to Vertex as %s%s",
+            request.job_id, request.attempt, job.name, on,
         )
         return job
 
@@ -383,6 +390,10 @@ class VertexExecutor:
                 )
             ],
             scheduling=scheduling,
+            # "" leaves it unset: fresh machines for this job. Set, the job runs on the
+            # warm pool, whose resource pool must match machine_spec exactly (machine
+            # type, GPUs, and the default pd-ssd boot disk) or Vertex rejects the job.
+            persistent_resource_id=s.persistent_resource_id,
             service_account=s.service_account,
             network=s.network,
             base_output_directory=aip.GcsDestination(
@@ -445,6 +456,19 @@ def _transient_types(gexc: Any) -> tuple[type[BaseException], ...]:
     )
 
 
+def _persistent_resource_hint(s: ExecutorSettings) -> str:
+    """What to check about the warm pool when Vertex refuses a job; "" without one."""
+    if not s.persistent_resource_id:
+        return ""
+    return (
+        f", and the persistent resource {s.persistent_resource_id!r} "
+        f"(VERTEX_PERSISTENT_RESOURCE_ID): it must exist in {s.parent}, be RUNNING, have a "
+        f"resource pool whose machine type, accelerator and boot disk match the job's exactly "
+        f"(MACHINE_TYPE, ACCELERATOR_TYPE, ACCELERATOR_COUNT; pd-ssd), the same network, and "
+        f"custom service accounts enabled (--enable-custom-service-account)"
+    )
+
+
 def _map_error(exc: BaseException, action: str, s: ExecutorSettings) -> ExecutorError:
     """A client exception as an ExecutorError whose message says what to do."""
     from google.api_core import exceptions as gexc
@@ -452,6 +476,8 @@ def _map_error(exc: BaseException, action: str, s: ExecutorSettings) -> Executor
     if isinstance(exc, ExecutorError):
         return exc
     where = f"in {s.parent} via {s.endpoint}"
+    # Only a create involves the pool; reads and cancels of existing jobs do not.
+    pool = _persistent_resource_hint(s) if action == _CREATE else ""
     if isinstance(exc, gexc.RetryError):
         cause = exc.cause if exc.cause is not None else exc
         return ExecutorError(
@@ -499,19 +525,19 @@ def _map_error(exc: BaseException, action: str, s: ExecutorSettings) -> Executor
                 f"settings: trainer image URI {s.trainer_image_uri!r}, machine type "
                 f"{s.machine_type!r}, accelerator {accel} (must be offered in {s.region}), "
                 f"scheduling {s.scheduling_strategy}, service account "
-                f"{s.service_account or '(default)'}, network {s.network or '(none)'}",
+                f"{s.service_account or '(default)'}, network {s.network or '(none)'}{pool}",
                 retryable=False,
             )
         if isinstance(exc, gexc.FailedPrecondition):
             return ExecutorError(
                 f"Vertex AI cannot {action} {where} in its current state: {msg}. Check that the "
-                f"Vertex AI API is enabled and the project's billing and region settings",
+                f"Vertex AI API is enabled and the project's billing and region settings{pool}",
                 retryable=False,
             )
         if isinstance(exc, gexc.NotFound):
             return ExecutorError(
                 f"Vertex AI could not find what was needed to {action} {where}: {msg}. Check the "
-                f"project ({s.project!r}) and region ({s.region!r}) settings",
+                f"project ({s.project!r}) and region ({s.region!r}) settings{pool}",
                 retryable=False,
             )
         return ExecutorError(
