@@ -114,6 +114,10 @@ def test_whole_job_from_documents_to_published_lora(emulators: Any, db: Any, buc
     assert metrics["finalLoss"] > 0 and metrics["evalLossStart"] > 0
     # Every seeded photo has a face: the loss is face-weighted on all of them.
     assert metrics["faceLossWeight"] == 2.0 and metrics["faceWeightedPhotos"] == 4
+    # The speed paths a job ran with (docs/trainer.md, "Faster steps on the GPU").
+    assert metrics["fusedAttention"] > 0 and metrics["compile"] == "off"
+    assert metrics["compiledRegions"] == 0 and metrics["cudaGraphs"] is False
+    assert "peakGpuMemoryGiB" not in metrics  # CPU: no allocator to read
     timings = doc[F.TIMINGS]
     assert set(Phase.ORDER) - {Phase.CLASS_IMAGES, Phase.COMPILE} <= set(timings), timings
     phases = sum(v for k, v in timings.items() if k != Phase.TOTAL)
