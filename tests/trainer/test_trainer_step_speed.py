@@ -120,3 +120,45 @@ def test_the_meta_device_op_count_sees_the_fusion(kind: str) -> None:
     fused = count_unet_step_ops(kind, "tiny", fused=True, batch=2, rank=4)
     unfused = count_unet_step_ops(kind, "tiny", fused=False, batch=2, rank=4)
     assert 0 < fused < unfused
+
+
+def test_regional_compilation_compiles_every_block_of_an_sd15_shaped_unet() -> None:
+    """SD 1.5's block structure (narrow channels, 128 px): a dozen ResNet block shapes
+    (parameter shapes are static, so one graph each), and the UNet runs in several ways
+    in a job (the evaluation loss before training under no_grad, the training steps,
+    eval-mode samples). Dynamo keeps at most ``recompile_limit`` graphs per code object
+    (8 by default) and runs every block past that eagerly, without an error: here it
+    raises instead. (Eval-mode samples would add more graphs; two ways suffice to
+    show it, and cost a minute of compiling on a CPU.)"""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from lora_trainer import synthetic
+    from lora_trainer.fused_lora import fuse_lora_projections
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**synthetic.unet_config("sd", "full"),
+                                   "block_out_channels": (32, 64, 128, 128),
+                                   "norm_num_groups": 8, "cross_attention_dim": 32,
+                                   "sample_size": 16})
+    unet.requires_grad_(False)
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=list(models.UNET_LORA_TARGETS)))
+    fuse_lora_projections(unet)
+    unet.train()
+
+    def run(batch: int) -> torch.Tensor:
+        return unet(torch.randn(batch, 4, 16, 16), torch.randint(0, 1000, (batch,)),
+                    encoder_hidden_states=torch.randn(batch, 7, 32), return_dict=False)[0]
+
+    torch._dynamo.reset()
+    # The default limit, whatever an earlier test left; restored on leaving.
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        regions = compilation.compile_unet(unet, "regional", device=torch.device("cpu"),
+                                           cuda_graphs=True, backend="aot_eager")
+        assert regions == 38  # as in SD 1.5: 22 ResNet and 16 transformer blocks
+        with torch.no_grad():  # run.py: the evaluation loss before the first step
+            run(3)
+        run(2).float().square().mean().backward()  # a training step
+    torch._dynamo.reset()

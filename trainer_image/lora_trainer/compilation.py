@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 #: and SDXL): regional compilation compiles each instance of these.
 REPEATED_BLOCKS: Final = ("BasicTransformerBlock", "ResnetBlock2D")
 
+#: Graphs one repeated block may need: the UNet runs in a few ways in a job (training
+#: steps, the no_grad evaluation loss, eval-mode samples at another batch size).
+#: Regional compilation raises Dynamo's per-code-object limit to this many per block.
+GRAPHS_PER_REGION: Final = 4
+
 #: torch.compile's mode that records and replays CUDA graphs.
 CUDA_GRAPHS_MODE: Final = "reduce-overhead"
 
@@ -63,6 +68,14 @@ def compile_unet(unet: torch.nn.Module, mode: str, *, device: torch.device,
         if type(module).__name__ in REPEATED_BLOCKS:
             module.compile(**options)
             regions += 1
+    if regions:
+        # All blocks of one class share one code object, and Dynamo keeps at most
+        # recompile_limit graphs (8 by default) per code object before it runs every
+        # further shape eagerly, silently. SD 1.5 alone has a dozen ResNet block shapes
+        # (parameter shapes are static: one graph each), each run in several ways.
+        limit = GRAPHS_PER_REGION * regions
+        if torch._dynamo.config.recompile_limit < limit:
+            torch._dynamo.config.recompile_limit = limit
     if not regions:
         # A UNet of another design: compile all of it rather than nothing.
         log.warning("no repeated blocks (%s) in %s: compiling the whole UNet",
