@@ -432,3 +432,38 @@ def test_fusion_dispatches_fewer_ops_per_forward_and_backward(tiny_sd: Path,
     assert fused_all < plain_all
     assert fused_kernels < plain_kernels
     assert fused_mm < plain_mm
+
+
+# ------------------------------------------------------------ inference mode
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "regional-compile"])
+def test_inference_mode_first_then_training_with_own_scales(tiny_sd: Path,
+                                                            compiled: bool) -> None:
+    """Rendering under torch.inference_mode() before a training step: nothing the fused
+    processors keep from that call (the per-projection scale factors) may be an
+    inference tensor, which autograd cannot save for the backward pass; compiled, a
+    tensor the graph made and the processor kept is the graph's output (an inference
+    tensor here, one the next replay overwrites with CUDA graphs)."""
+    from lora_trainer import compilation
+
+    model = _lora_model(tiny_sd)
+    unet = model.unet
+    for module in _lora_attention_modules(unet):  # own scales: the factor tensor path
+        module.to_k.scaling["default"] = 0.5
+        module.to_v.scaling["default"] = 3.0
+    inputs = _inputs(model)
+    expected, expected_grads = _forward_backward(unet, inputs)
+    assert fuse_lora_projections(unet) == 8
+    if compiled:
+        torch._dynamo.reset()
+        compilation.compile_unet(unet, "regional", device=CPU, cuda_graphs=False,
+                                 backend="aot_eager")
+    try:
+        with torch.inference_mode():
+            rendered = _output(unet, inputs)
+        _assert_close_to_scale(rendered, expected, 2e-5, "output under inference_mode")
+        got, grads = _forward_backward(unet, inputs)
+    finally:
+        torch._dynamo.reset()
+    _assert_close_to_scale(got, expected, 2e-5, "output")
+    for name, grad in expected_grads.items():
+        _assert_close_to_scale(grads[name], grad, 2e-5, name)

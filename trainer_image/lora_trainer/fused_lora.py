@@ -201,10 +201,19 @@ class FusedLoraAttnProcessor:
         if all(s == scales[0] for s in scales):
             # x * 1.0 is x: skip the kernel (peft's usual alpha == rank).
             return up if scales[0] == 1.0 else up * scales[0]
+        if torch.compiler.is_compiling():
+            # A constant of the graph, never kept here: a tensor a compiled graph makes
+            # is its output (under inference_mode an inference tensor, which autograd
+            # cannot save; with CUDA graphs one the next replay overwrites).
+            factor = torch.tensor(scales, dtype=torch.float32, device=up.device).view(-1, 1, 1)
+            return (up * factor).to(up.dtype)
         key = (up.device, *scales)
         if self._scales is None or self._scales[0] != key:  # the last one: no copy per step
-            factor = torch.tensor(scales, dtype=torch.float32, device=up.device)
-            self._scales = (key, factor.view(-1, 1, 1))
+            # Kept for later calls: not an inference tensor even if made under
+            # inference_mode (sample rendering), as autograd saves it in training steps.
+            with torch.inference_mode(False):
+                factor = torch.tensor(scales, dtype=torch.float32, device=up.device)
+                self._scales = (key, factor.view(-1, 1, 1))
         factor = self._scales[1]
         # peft multiplies by a Python float: computed in fp32, rounded to up's dtype.
         return (up * factor).to(up.dtype)
