@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_trainer import export, models, synthetic, training
+from lora_trainer import export, identity, models, synthetic, training
 from lora_trainer.config import TrainConfig
 
 pytestmark = [
@@ -105,5 +105,41 @@ def test_compiled_steps_with_cuda_graphs_train_like_eager_ones(mode: str,
         torch._dynamo.reset()
     (eager_loss, eager), (compiled_loss, compiled) = runs["off"], runs[mode]
     assert eager_loss == pytest.approx(compiled_loss, rel=1e-3)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_cuda_graph_steps_with_checkpointing_evaluation_and_samples_between(
+        mode: str, tmp_path: Path) -> None:
+    """What a job does around compiled steps with CUDA graphs, against eager: gradient
+    checkpointing on (what the memory plan turns on when a step does not fit; regional
+    compilation then runs compiled blocks inside torch.utils.checkpoint, see
+    pytorch/pytorch#154306), the evaluation loss before training and identity samples
+    (no_grad, eval mode) rendered between two steps."""
+    base = synthetic.save_synthetic_model(tmp_path / "sd", "sd")
+    pixels = torch.rand(3, 3, 64, 64) * 2 - 1
+    device = torch.device("cuda")
+    runs = {}
+    for compile_mode in ("off", mode):
+        config = _cuda_config(base, compile_mode=compile_mode, mixed_precision="no",
+                              gradient_checkpointing="on", identity_samples=1,
+                              identity_sample_steps=2)
+        prepared = training.build_trainer(models.load_base_model(config, device), config, pixels)
+        trainer = prepared.trainer
+        assert prepared.gradient_checkpointing and trainer.unet.is_gradient_checkpointing
+        start = trainer.fixed_noise_loss(seed=config.seed)
+
+        def render(step: int, trainer: training.LoraTrainer = trainer,
+                   config: TrainConfig = config) -> None:
+            if step == 3:
+                identity.render_identity_samples(trainer.model, config, 64)
+
+        result = trainer.run(6, report_every_seconds=1e9, progress_bar=False, on_step=render)
+        runs[compile_mode] = (start, result.final_loss, trainer.fixed_noise_loss(seed=config.seed),
+                              trainer.trainable_state())
+        torch._dynamo.reset()
+    (*eager_losses, eager), (*compiled_losses, compiled) = runs["off"], runs[mode]
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)
     for key, value in eager.items():
         torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-5)
