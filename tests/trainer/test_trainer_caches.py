@@ -3,6 +3,7 @@ concurrent writers, and the class-image cache with a real (tiny) base model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -280,3 +281,21 @@ def test_compile_artifacts_travel_between_workers(emulators: Any, bucket: Any,
     assert second["loaded"] is True and second["saved"] is False
     assert second["hits"] > 0 and second["misses"] == 0
     assert list(bucket.list_blobs(prefix=schema.compile_cache_prefix()))
+
+
+def test_the_compile_cache_key_tells_apart_what_compiles_differently() -> None:
+    """A loaded entry is never replaced (CompileCache.save), so settings that change
+    the compiled program must change the key. The memory budget does: gradient
+    checkpointing "auto" turns on or off by what the probe step measures against it."""
+    from types import SimpleNamespace
+
+    from lora_trainer.run import _compile_shapes
+
+    model = SimpleNamespace(unet=SimpleNamespace(config={"sample_size": 64}))
+    config = TrainConfig(job_id="j", attempt=1, user_id="u", actor_id="a",
+                         instance_name="sks", base_model_id="m", compile_mode="regional")
+    shapes = _compile_shapes(model, config, 512)
+    for change in ({"gpu_memory_gib": 24.0}, {"fused_lora": False}, {"cuda_graphs": False},
+                   {"compile_mode": "full"}, {"gradient_checkpointing": "on"}):
+        other = _compile_shapes(model, dataclasses.replace(config, **change), 512)
+        assert other != shapes, change

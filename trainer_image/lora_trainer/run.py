@@ -462,7 +462,8 @@ def _compile_shapes(model: Any, config: Any, resolution: int) -> dict[str, Any]:
     """What torch.compile's output depends on in this run, besides GPU and torch.
 
     Settings rather than their resolved values ("auto" precision and gradient
-    checkpointing resolve the same way on the same GPU type, which is in the key).
+    checkpointing resolve the same way on the same GPU type, which is in the key,
+    and memory budget).
     """
     import hashlib
     import json
@@ -477,6 +478,8 @@ def _compile_shapes(model: Any, config: Any, resolution: int) -> dict[str, Any]:
         "trainTextEncoder": config.train_text_encoder,
         "mixedPrecision": config.mixed_precision,
         "gradientCheckpointing": config.gradient_checkpointing,
+        # "auto" checkpointing: on when the measured step does not fit this budget.
+        "gpuMemoryGiB": config.gpu_memory_gib,
         # Different programs to compile: fused projections, regions, CUDA graphs.
         "fusedLora": config.fused_lora,
         "compile": config.compile_mode,
