@@ -109,11 +109,13 @@ def test_compiled_steps_with_cuda_graphs_train_like_eager_ones(mode: str,
         torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-5)
 
 
-def test_cuda_graph_steps_with_checkpointing_evaluation_and_samples_between(
-        tmp_path: Path) -> None:
-    """What a job does around compiled steps with CUDA graphs, against eager: gradient
-    checkpointing on (what the memory plan turns on when a step does not fit; regional
-    compilation then runs compiled blocks inside torch.utils.checkpoint, see
+@pytest.mark.parametrize("checkpointing", ["off", "on"])
+def test_compiled_steps_with_evaluation_and_samples_between(checkpointing: str,
+                                                            tmp_path: Path) -> None:
+    """What a job does around compiled steps, against eager: with CUDA graphs, or with
+    gradient checkpointing on (what the memory plan turns on when a step does not fit;
+    regional compilation then runs compiled blocks inside torch.utils.checkpoint, so
+    CUDA graphs stay off, see compilation.want_cuda_graphs and
     pytorch/pytorch#154306), the evaluation loss before training and identity samples
     (no_grad, eval mode) rendered between two steps. Regional only (what the memory
     plan combines with checkpointing), to keep tools/gpu_measure.sh within its time."""
@@ -124,11 +126,14 @@ def test_cuda_graph_steps_with_checkpointing_evaluation_and_samples_between(
     runs = {}
     for compile_mode in ("off", mode):
         config = _cuda_config(base, compile_mode=compile_mode, mixed_precision="no",
-                              gradient_checkpointing="on", identity_samples=1,
+                              gradient_checkpointing=checkpointing, identity_samples=1,
                               identity_sample_steps=2)
         prepared = training.build_trainer(models.load_base_model(config, device), config, pixels)
         trainer = prepared.trainer
-        assert prepared.gradient_checkpointing and trainer.unet.is_gradient_checkpointing
+        assert prepared.gradient_checkpointing is (checkpointing == "on")
+        assert trainer.unet.is_gradient_checkpointing is (checkpointing == "on")
+        # CUDA graphs when compiled, except under checkpointing (want_cuda_graphs).
+        assert trainer.cuda_graphs is (compile_mode != "off" and checkpointing == "off")
         start = trainer.fixed_noise_loss(seed=config.seed)
 
         def render(step: int, trainer: training.LoraTrainer = trainer,

@@ -64,6 +64,12 @@ def test_fused_projections_dispatch_fewer_ops_per_step(tiny_sd: Path,
     assert counts[True] < counts[False]
 
 
+def test_no_cuda_graphs_under_gradient_checkpointing() -> None:
+    assert compilation.want_cuda_graphs(True, gradient_checkpointing=False)
+    assert not compilation.want_cuda_graphs(True, gradient_checkpointing=True)
+    assert not compilation.want_cuda_graphs(False, gradient_checkpointing=False)
+
+
 def test_cuda_graphs_only_where_there_is_a_gpu() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert compilation.compile_mode_options(cuda, True) == {"mode": "reduce-overhead"}

@@ -90,6 +90,19 @@ def uses_cuda_graphs(mode: str, device: torch.device, cuda_graphs: bool) -> bool
     return mode != "off" and bool(compile_mode_options(device, cuda_graphs))
 
 
+def want_cuda_graphs(requested: bool, gradient_checkpointing: bool) -> bool:
+    """CUDA graphs as asked, except under gradient checkpointing.
+
+    Checkpointing recomputes compiled regions inside ``torch.utils.checkpoint``,
+    where CUDA graph trees have failed on freed inputs and can reuse memory still
+    in use (pytorch/pytorch#154306). The memory plan turns checkpointing on exactly
+    when a step is tight, where the graphs' own memory would not help either.
+    Not yet measured on a GPU: tests/trainer/test_trainer_gpu.py says whether the
+    combination works and this can go.
+    """
+    return requested and not gradient_checkpointing
+
+
 def mark_step_begin() -> None:
     """Tell the CUDA graph trees a new step begins.
 

@@ -566,7 +566,7 @@ def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
         tokenize,
     )
     from .face_loss import face_share, instance_weight_maps
-    from .compilation import compile_unet, uses_cuda_graphs
+    from .compilation import compile_unet, uses_cuda_graphs, want_cuda_graphs
     from .fused_lora import fuse_lora_projections
     from .memory import CudaMemoryMeter, optimizer_state_bytes, plan_memory
     from .models import add_lora, enable_gradient_checkpointing, resolve_precision
@@ -634,9 +634,12 @@ def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
                            extra_bytes=optimizer_state_bytes(params))
         checkpointing = plan.gradient_checkpointing
     # In place: parameter names (and so checkpoints and exports) stay the same.
+    cuda_graphs = want_cuda_graphs(config.cuda_graphs, checkpointing)
+    if cuda_graphs != config.cuda_graphs and config.compile_mode != "off":
+        log.info("CUDA graphs off: gradient checkpointing is on (compilation.want_cuda_graphs)")
     regions = compile_unet(model.unet, config.compile_mode, device=model.device,
-                           cuda_graphs=config.cuda_graphs)
-    trainer.cuda_graphs = uses_cuda_graphs(config.compile_mode, model.device, config.cuda_graphs)
+                           cuda_graphs=cuda_graphs)
+    trainer.cuda_graphs = uses_cuda_graphs(config.compile_mode, model.device, cuda_graphs)
     log.info(
         "training %s LoRA: %d photos (%d with flips), %d px, batch %d, %s, "
         "gradient checkpointing %s, prior preservation %s, %d fused attention modules, "
