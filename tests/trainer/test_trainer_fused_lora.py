@@ -240,17 +240,9 @@ def test_dropout_or_dora_adapters_are_left_alone(tiny_sd: Path,
 def test_cross_attention_on_wider_text_fuses_k_and_v_only(tiny_sd: Path) -> None:
     """As in the real models (SD 1.5: 320-1280 wide image features, 768 wide text):
     q cannot share a matmul with k and v; k and v still do."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
-    from peft import LoraConfig
-
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**{**synthetic.unet_config("sd", "tiny"),
-                                   "cross_attention_dim": 48})
-    unet.requires_grad_(False)
-    unet.set_attn_processor(AttnProcessor2_0())
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
-                                target_modules=list(models.UNET_LORA_TARGETS)))
+    unet = synthetic.build_lora_unet("sd", "tiny", rank=4, alpha=8,
+                                     overrides={"cross_attention_dim": 48})
     _perturb_lora_b(unet)
     model = SimpleNamespace(unet=unet, weight_dtype=torch.float32, kind=models.SD)
     inputs = _inputs(model)  # type: ignore[arg-type]

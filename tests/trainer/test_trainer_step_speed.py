@@ -136,21 +136,13 @@ def test_regional_compilation_compiles_every_block_of_an_sd15_shaped_unet() -> N
     (8 by default) and runs every block past that eagerly, without an error: here it
     raises instead. (Eval-mode samples would add more graphs; two ways suffice to
     show it, and cost a minute of compiling on a CPU.)"""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
     from lora_trainer import synthetic
     from lora_trainer.fused_lora import fuse_lora_projections
-    from peft import LoraConfig
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**{**synthetic.unet_config("sd", "full"),
-                                   "block_out_channels": (32, 64, 128, 128),
-                                   "norm_num_groups": 8, "cross_attention_dim": 32,
-                                   "sample_size": 16})
-    unet.requires_grad_(False)
-    unet.set_attn_processor(AttnProcessor2_0())
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=list(models.UNET_LORA_TARGETS)))
+    unet = synthetic.build_lora_unet("sd", "full", rank=4, alpha=4, overrides={
+        "block_out_channels": (32, 64, 128, 128), "norm_num_groups": 8,
+        "cross_attention_dim": 32, "sample_size": 16})
     fuse_lora_projections(unet)
     unet.train()
 

@@ -200,22 +200,12 @@ def count_unet_step_ops(kind: str, size: str, *, fused: bool, batch: int = 4, ra
     Built on the meta device: full-size shapes without their memory or FLOPs, so
     the count of a 2.6B-parameter SDXL UNet takes seconds on a CPU.
     """
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
     from . import synthetic
     from .fused_lora import fuse_lora_projections
-    from .models import UNET_LORA_TARGETS
 
     config = synthetic.unet_config(kind, size)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config).to(dtype)
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=list(UNET_LORA_TARGETS)))
-        for param in unet.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+        unet = synthetic.build_lora_unet(kind, size, rank=rank, alpha=rank, dtype=dtype)
         if fused:
             fuse_lora_projections(unet)
         side = config["sample_size"]

@@ -100,7 +100,7 @@ def run_whole_job(args: argparse.Namespace, timer: PhaseTimer) -> dict[str, Any]
                            on_step=identity.step_hook(tracker, trainer, timer))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    if config.compile_mode != "off":
+    if config.compiles:
         timer.move(Phase.STEPS, Phase.COMPILE, loop.first_step_overhead_seconds)
     with timer.phase(Phase.EXPORT):
         eval_end = trainer.fixed_noise_loss(seed=config.seed)

@@ -153,6 +153,11 @@ class TrainConfig:
             raise TrainerError("the caption template must contain {instance}")
 
     @property
+    def compiles(self) -> bool:
+        """Whether torch.compile runs (any ``compile_mode`` but "off")."""
+        return self.compile_mode != "off"
+
+    @property
     def trigger(self) -> str:
         """The words that call the trained person up in a prompt."""
         return f"{self.instance_name} {self.class_word}"

@@ -222,7 +222,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
         log.info("base model %s from %s (revision %s)", config.base_model_id, source.origin,
                  source.revision)
         compile_cache = None
-        if config.compile_mode != "off":  # before anything runs the compiled UNet
+        if config.compiles:  # before anything runs the compiled UNet
             with timer.phase(Phase.COMPILE):
                 compile_cache = CompileCache(bucket, _compile_shapes(model, config, resolution),
                                              device)
@@ -266,7 +266,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             log.info("resuming from the checkpoint at step %d", resumed_from)
         else:
             # With --compile this first forward pass compiles the evaluation graph.
-            with timer.phase(Phase.COMPILE if config.compile_mode != "off" else Phase.SETUP):
+            with timer.phase(Phase.COMPILE if config.compiles else Phase.SETUP):
                 meta["evalLossStart"] = trainer.fixed_noise_loss(seed=config.seed)
 
     total = config.max_train_steps
@@ -299,7 +299,7 @@ def _run(options: RunOptions, reporter: Any, bucket: Any, stop: Any,
             progress_bar=options.progress_bar,
             on_step=identity.step_hook(tracker, trainer, timer),
         )
-    if config.compile_mode != "off":
+    if config.compiles:
         # torch.compile compiles in the first step: what it took beyond a usual step.
         timer.move(Phase.STEPS, Phase.COMPILE, loop.first_step_overhead_seconds)
     if compile_cache is not None:

@@ -252,6 +252,32 @@ def build_pipeline(
     )
 
 
+def build_lora_unet(kind: str, size: str, *, rank: int, alpha: int,
+                    overrides: dict[str, Any] | None = None,
+                    dtype: torch.dtype = torch.float32) -> Any:
+    """A random-weight UNet of this family with the trainer's LoRA adapter.
+
+    Frozen base weights in ``dtype``, fp32 LoRA weights, diffusers' SDPA processor:
+    the UNet alone, for op counts and processor tests. ``overrides`` change the config.
+    Builds on the current default device (e.g. inside ``with torch.device("meta")``).
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from peft import LoraConfig
+
+    from .models import UNET_LORA_TARGETS
+
+    unet = UNet2DConditionModel(**{**unet_config(kind, size), **(overrides or {})}).to(dtype)
+    unet.requires_grad_(False)
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=list(UNET_LORA_TARGETS)))
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return unet
+
+
 def save_synthetic_model(
     path: str | Path,
     kind: str = "sd",

@@ -635,7 +635,7 @@ def build_trainer(model: LoadedModel, config: TrainConfig, pixels: torch.Tensor,
         checkpointing = plan.gradient_checkpointing
     # In place: parameter names (and so checkpoints and exports) stay the same.
     cuda_graphs = want_cuda_graphs(config.cuda_graphs, checkpointing)
-    if cuda_graphs != config.cuda_graphs and config.compile_mode != "off":
+    if cuda_graphs != config.cuda_graphs and config.compiles:
         log.info("CUDA graphs off: gradient checkpointing is on (compilation.want_cuda_graphs)")
     regions = compile_unet(model.unet, config.compile_mode, device=model.device,
                            cuda_graphs=cuda_graphs)
